@@ -1,0 +1,38 @@
+"""`python -m lightmem_exp stage=<stage> model=<model> ...`: run one stage or the whole pipeline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from lightmem_exp import config  # noqa: F401  (registers the config resolvers before Hydra composes)
+from lightmem_exp.config import CONF_DIR
+from lightmem_exp.errors import LmxError
+
+log = logging.getLogger("lightmem_exp")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Run the requested stage; return its headline metric so sweepers can optimise it."""
+    from lightmem_exp.runtime import setup_runtime
+    from lightmem_exp.stages import run
+
+    setup_runtime(cfg)
+    try:
+        result = run(cfg)
+    except LmxError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("stage %s done: %s (headline %.4g)", result.stage, result.dir, result.headline)
+    return float(result.headline)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

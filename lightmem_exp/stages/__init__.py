@@ -1,0 +1,121 @@
+"""The stage registry and runner. Only stages that really exist are registered; `pipeline` runs them in order."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightmem_exp.artifacts import MANIFEST, load_manifest
+from lightmem_exp.config import save_resolved, validate_common
+from lightmem_exp.errors import LmxError
+from lightmem_exp.logging_utils import finish_loggers
+from lightmem_exp.stages import data
+from lightmem_exp.stages.base import StageResult, stage_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[DictConfig], StageResult]
+    validate: Callable[[DictConfig], None]
+    upstream: tuple[str, ...]
+
+
+STAGES: dict[str, Stage] = {
+    "data": Stage("data", data.run, data.validate, data.UPSTREAM),
+}
+
+# Keys that do not change what a stage computes, ignored when deciding if a finished stage can be reused.
+_VOLATILE = ("overwrite", "progress", "runtime", "logger", "resume")
+
+
+def _stage_cfg(cfg: DictConfig, name: str, in_pipeline: bool) -> DictConfig:
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    if in_pipeline:
+        sub.stage = cfg.stage.stages[name]
+    sub.runtime = {"in_pipeline": in_pipeline}
+    return sub
+
+
+def _comparable(cfg: DictConfig) -> dict:
+    d = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in d.items() if k not in _VOLATILE}
+
+
+def _clear_stage_dir(sdir: Path) -> None:
+    """overwrite=true: drop everything but Hydra's own run files, so nothing stale is trusted or resumed."""
+    for p in sdir.iterdir():
+        if p.name in (".hydra",) or p.suffix == ".log":
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def run_stage(cfg: DictConfig, name: str, *, in_pipeline: bool = False) -> StageResult:
+    """Run one registered stage in its own directory; the stage writes its manifest last."""
+    sub = _stage_cfg(cfg, name, in_pipeline)
+    sdir = stage_dir(sub, name)
+    sub.runtime.stage_dir = str(sdir)
+    manifest = sdir / MANIFEST
+    if manifest.exists():
+        if cfg.overwrite:
+            _clear_stage_dir(sdir)
+        else:
+            saved = sdir / "config.yaml"
+            same = saved.exists() and _comparable(OmegaConf.load(saved)) == _comparable(sub)
+            if in_pipeline and same:
+                log.info("stage %s already complete in %s with the same config: reusing it", name, sdir)
+                return _reuse(name, sdir)
+            raise LmxError(
+                f"stage {name} is already complete in {sdir} ({manifest} exists)"
+                + ("" if same else " with a different config")
+                + "; pass overwrite=true to run it again, or choose another exp="
+            )
+    sdir.mkdir(parents=True, exist_ok=True)
+    save_resolved(sub, sdir / "config.yaml")
+    log.info("stage %s -> %s", name, sdir)
+    try:
+        return STAGES[name].run(sub)
+    finally:
+        finish_loggers()
+
+
+def _reuse(name: str, sdir: Path) -> StageResult:
+    m = load_manifest(sdir, expect_stage=name)
+    return StageResult(stage=name, dir=sdir, manifest=m, metrics=m.metrics,
+                       headline=float(m.metrics.get("headline", float("nan"))))
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    """Validate the whole request before any work starts; returns the stages that will run."""
+    validate_common(cfg)
+    name = cfg.stage.name
+    if name == "pipeline":
+        order = list(cfg.stage.order)
+        unknown = [s for s in order if s not in STAGES]
+        if unknown:
+            raise LmxError(f"stage.order names stages that do not exist: {unknown} (registered: {list(STAGES)})")
+        for s in order:
+            STAGES[s].validate(_stage_cfg(cfg, s, True))
+        return order
+    if name not in STAGES:
+        raise LmxError(f"stage '{name}' is not implemented (registered: {list(STAGES)})")
+    STAGES[name].validate(cfg)
+    return [name]
+
+
+def run(cfg: DictConfig) -> StageResult:
+    """Entry used by __main__: validate, then run the chosen stage or the whole pipeline."""
+    order = validate(cfg)
+    if cfg.stage.name != "pipeline":
+        return run_stage(cfg, order[0])
+    result = None
+    for s in order:
+        result = run_stage(cfg, s, in_pipeline=True)
+    return result
