@@ -14,7 +14,7 @@ from lightmem_exp.artifacts import MANIFEST, load_manifest
 from lightmem_exp.config import save_resolved, validate_common
 from lightmem_exp.errors import LmxError
 from lightmem_exp.logging_utils import finish_loggers
-from lightmem_exp.stages import data
+from lightmem_exp.stages import data, step1
 from lightmem_exp.stages.base import StageResult, stage_dir
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "data": Stage("data", data.run, data.validate, data.UPSTREAM),
+    "step1": Stage("step1", step1.run, step1.validate, step1.UPSTREAM),
 }
 
 # Keys that do not change what a stage computes, ignored when deciding if a finished stage can be reused.

@@ -17,7 +17,7 @@ from lightmem_exp.artifacts import Manifest, load_manifest
 class StageResult:
     stage: str
     dir: Path
-    manifest: Manifest
+    manifest: Manifest | None   # None on non-zero DDP ranks, which write nothing
     metrics: dict = field(default_factory=dict)
     headline: float = math.nan   # the float a sweeper optimises
 

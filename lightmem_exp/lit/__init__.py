@@ -1,0 +1,1 @@
+"""LightningModules (training steps and metrics) and shared callbacks."""

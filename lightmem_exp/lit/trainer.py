@@ -1,0 +1,49 @@
+"""One way to build a Lightning Trainer from `trainer=` and to resume a stage from its own checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from lightmem_exp.lit.callbacks import FiniteLossGuard
+
+CKPT_DIR = "checkpoints"
+
+
+def make_trainer(cfg: DictConfig, sdir: Path, *, max_epochs: int, logger: Logger | None,
+                 callbacks: list[L.Callback] = (), ckpt_every_n_steps: int | None = None,
+                 gradient_clip_val: float | None = None) -> L.Trainer:
+    ckpt_dir = sdir / CKPT_DIR
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                 every_n_train_steps=ckpt_every_n_steps, save_on_train_epoch_end=True)
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer.lightning, resolve=True),
+        max_epochs=max_epochs,
+        logger=logger if logger is not None else False,
+        callbacks=[FiniteLossGuard(ckpt_dir), *callbacks, checkpoint],
+        default_root_dir=str(sdir),
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        gradient_clip_val=gradient_clip_val,
+        enable_progress_bar=bool(cfg.progress),
+        num_sanity_val_steps=0,
+    )
+
+
+def resume_path(cfg: DictConfig, sdir: Path) -> str | None:
+    """The stage's own last checkpoint when resume=auto and one exists (never an upstream's weights)."""
+    last = sdir / CKPT_DIR / "last.ckpt"
+    return str(last) if cfg.resume == "auto" and last.exists() else None
+
+
+class TrainableOnlyCheckpoint(L.LightningModule):
+    """Checkpoints hold only trainable tensors (LoRA, new token rows), never a frozen 7B base."""
+
+    strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

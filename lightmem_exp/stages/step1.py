@@ -1,0 +1,187 @@
+"""Stage step1: train `<recall>` so its hidden state queries a frozen memory bank (see conf/stage/step1.yaml).
+
+Bank vectors are built once from the base model (adapters off) and stay frozen: they are the keys the query
+learns to hit, and step2 later learns to decode exactly these vectors, so refreshing them would move both
+targets at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from lightmem_exp.artifacts import Manifest, read_json, read_jsonl, write_json, write_jsonl, write_manifest
+from lightmem_exp.config import positive, require
+from lightmem_exp.data.recall_queries import RecallQueryDataset, collate_queries, think_query_ids, user_query_ids
+from lightmem_exp.data.sft_sampling import draw_within_limit, think_segments
+from lightmem_exp.errors import LmxError
+from lightmem_exp.lit.step1 import RecallQueryModule
+from lightmem_exp.lit.trainer import make_trainer, resume_path
+from lightmem_exp.logging_utils import make_logger, run_id
+from lightmem_exp.models.loading import (
+    attach_lora,
+    ensure_memory_tokens,
+    load_model,
+    load_tokenizer,
+    save_token_rows,
+    train_only_rows,
+)
+from lightmem_exp.models.memory_bank import MemoryBank
+from lightmem_exp.retrieval import BM25Retriever, DenseRetriever, ranking_metrics
+from lightmem_exp.stages.base import StageResult, load_upstream
+
+log = logging.getLogger(__name__)
+UPSTREAM = ("data",)
+
+
+def validate(cfg: DictConfig) -> None:
+    s = "stage."
+    require(cfg, s + "max_epochs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    require(cfg, s + "batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    require(cfg, s + "lr", positive, "a number > 0")
+    require(cfg, s + "temperature", positive, "a number > 0")
+    require(cfg, s + "weight_decay", lambda v: v >= 0, "a number >= 0")
+    require(cfg, s + "warmup_ratio", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    require(cfg, s + "negatives", lambda v: v in ("bank", "in_batch"), "'bank' or 'in_batch'")
+    require(cfg, s + "sft_ratio", lambda v: v >= 0, "a number >= 0")
+    require(cfg, s + "sft_max_tokens", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    require(cfg, s + "max_query_tokens", lambda v: isinstance(v, int) and v >= 8, "an integer >= 8")
+    require(cfg, "data.max_memories", lambda v: v == -1 or (isinstance(v, int) and v >= 1), "null or an integer >= 1")
+
+
+def select_training_memories(memories: list[dict], pairs: list[dict], train_convs: set[str], cap: int | None,
+                             seed: int) -> list[dict]:
+    """Train-split memories that answer at least one train recall pair; a seeded sample of `cap` of them."""
+    wanted = {mid for p in pairs if p["conv_id"] in train_convs for mid in p["memory_ids"]}
+    chosen = [m for m in memories if m["conv_id"] in train_convs and m["id"] in wanted]
+    if cap is not None and len(chosen) > cap:
+        chosen = sorted(random.Random(seed).sample(chosen, cap), key=lambda m: m["id"])
+    return chosen
+
+
+@torch.no_grad()
+def query_vectors(module: RecallQueryModule, rows: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
+    module.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        b = collate_queries(rows[i : i + batch_size], pad_id)
+        out.append(module.query(b["input_ids"].to(module.device), b["attention_mask"].to(module.device)).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
+                   ks: list[int]) -> dict:
+    q = query_vectors(module, rows, pad_id, batch_size)
+    _, idx = bank.topk(q, max(ks))
+    return ranking_metrics(idx.tolist(), [set(r["targets"]) for r in rows], ks)
+
+
+def run(cfg: DictConfig) -> StageResult:
+    sdir, st = Path(cfg.runtime.stage_dir), cfg.stage
+    data = load_upstream(cfg, "data")
+    memories = read_jsonl(data.path("memories"))
+    pairs = read_jsonl(data.path("recall_pairs"))
+    splits = read_json(data.path("splits"))
+    pool = read_jsonl(data.path("sft_pool"))
+
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
+    model = load_model(cfg.model, cfg.paths.data, quant_cfg=cfg.quant)
+    tok_ids = ensure_memory_tokens(model, tokenizer)
+
+    # Keys: the full bank from the base model, frozen; training keys are its training rows + <think> keys.
+    bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)
+    row_of = {mid: i for i, mid in enumerate(bank.ids)}
+    cap = None if cfg.data.max_memories in (None, -1) else int(cfg.data.max_memories)
+    train_mems = select_training_memories(memories, pairs, set(splits["train"]), cap, cfg.seed)
+    if not train_mems:
+        raise LmxError(f"no training memories: the train split of {data.dir} has no recall pairs")
+    key_of = {m["id"]: k for k, m in enumerate(train_mems)}
+
+    segments = think_segments(pool)
+    draw = draw_within_limit(
+        segments, math.ceil(len(train_mems) * st.sft_ratio), max_tokens=st.sft_max_tokens, rng=random.Random(cfg.seed),
+        n_tokens=lambda s: len(tokenizer(s["think"], add_special_tokens=False)["input_ids"]),
+        what="step1 <think> sampling from the SFT pool",
+    )
+    think_bank = MemoryBank.build(
+        model, tokenizer, [{"id": f"sft:{s['pool_index']}:{s['turn']}", "text": s["think"]} for s in draw.items],
+        batch_size=st.bank_batch_size, progress=False,
+    ) if draw.items else None
+    keys = bank.vectors[[row_of[m["id"]] for m in train_mems]]
+    if think_bank is not None:
+        keys = torch.cat([keys, think_bank.vectors])
+
+    mq = st.max_query_tokens
+    train_rows = [
+        {"input_ids": user_query_ids(tokenizer, p["query"], tok_ids.recall, mq), "kind": p["query_kind"],
+         "targets": [key_of[m] for m in p["memory_ids"] if m in key_of]}
+        for p in pairs if p["conv_id"] in splits["train"]
+    ]
+    train_rows = [r for r in train_rows if r["targets"]]
+    train_rows += [
+        {"input_ids": think_query_ids(tokenizer, s["context"], tok_ids.recall, mq), "kind": "think",
+         "targets": [len(train_mems) + j]}
+        for j, s in enumerate(draw.items)
+    ]
+    val_pairs = [p for p in pairs if p["conv_id"] in splits["val"] and p["query_kind"] == "question"
+                 and any(m in row_of for m in p["memory_ids"])]
+    val_rows = [{"input_ids": user_query_ids(tokenizer, p["query"], tok_ids.recall, mq), "kind": "question",
+                 "targets": [row_of[m] for m in p["memory_ids"] if m in row_of]} for p in val_pairs]
+
+    model = attach_lora(model, cfg.lora)
+    embedding = model.get_input_embeddings()
+    train_only_rows(embedding, [tok_ids.recall, tok_ids.memory_pad])
+    module = RecallQueryModule(model, keys, temperature=st.temperature, negatives=st.negatives, lr=st.lr,
+                               weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio,
+                               embedding_param=embedding.weight)
+    pad_id = tokenizer.pad_token_id
+    bs, ks = st.batch_size, list(st.eval_ks)
+    metrics: dict[str, float] = {}
+    if val_rows:
+        metrics.update({f"untrained/{k}": v for k, v in recall_metrics(module, val_rows, bank, pad_id, bs, ks).items()})
+
+    logger = make_logger(cfg, sdir)
+    loader = DataLoader(RecallQueryDataset(train_rows), batch_size=bs, shuffle=True,
+                        collate_fn=lambda rows: collate_queries(rows, pad_id),
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    trainer = make_trainer(cfg, sdir, max_epochs=st.max_epochs, logger=logger,
+                           ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path(cfg, sdir))
+
+    if val_rows:
+        metrics.update({f"val/{k}": v for k, v in recall_metrics(module, val_rows, bank, pad_id, bs, ks).items()})
+        texts = [m["text"] for m in bank.entries]
+        questions = [p["query"] for p in val_pairs]
+        positives = [set(r["targets"]) for r in val_rows]
+        for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
+            idx, _ = retriever.search(questions, max(ks))
+            metrics.update({f"baseline/{name}/{k}": v for k, v in ranking_metrics(idx.tolist(), positives, ks).items()})
+    metrics["headline"] = metrics.get("val/recall@1", float("nan"))
+
+    manifest = None
+    if trainer.is_global_zero:
+        bank.save(sdir / "bank")
+        model.save_pretrained(str(sdir / "adapter"), save_embedding_layers=False)
+        save_token_rows(model, [tok_ids.recall, tok_ids.memory_pad], sdir / "token_rows.safetensors")
+        tokenizer.save_pretrained(str(sdir / "tokenizer"))
+        write_jsonl(sdir / "train_memories.jsonl", ({"id": m["id"], "key": key_of[m["id"]]} for m in train_mems))
+        write_json(sdir / "sft_draw.json", {"pool_indices": [[s["pool_index"], s["turn"]] for s in draw.items],
+                                            "skipped_too_long": draw.skipped_too_long})
+        if logger is not None:
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "headline"})
+        manifest = Manifest(
+            stage="step1", seed=cfg.seed, metrics=metrics, run_id=run_id(logger), inputs={"data": data.ref()},
+            outputs={"bank": "bank", "adapter": "adapter", "token_rows": "token_rows.safetensors",
+                     "tokenizer": "tokenizer", "train_memories": "train_memories.jsonl", "sft_draw": "sft_draw.json"},
+            stats={"train_queries": len(train_rows), "train_memories": len(train_mems), "think_samples": len(draw.items),
+                   "val_questions": len(val_rows), "bank_size": len(bank), "memory_tokens_added": tok_ids.added,
+                   "bank_vectors": "frozen, built from the base model before LoRA"},
+        )
+        write_manifest(sdir, manifest)
+    return StageResult(stage="step1", dir=sdir, manifest=manifest, metrics=metrics, headline=metrics["headline"])
