@@ -18,14 +18,19 @@ CONF_DIR = PROJECT_ROOT / "conf"
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("lmx.project_root"):
         OmegaConf.register_new_resolver("lmx.project_root", lambda: str(PROJECT_ROOT))
+        # The bundled data sits in shared/ beside the checkout; it is never committed into the project.
+        OmegaConf.register_new_resolver("lmx.shared_data", lambda: str(PROJECT_ROOT.parent / "shared" / "data"))
 
 
 register_resolvers()
 
 
-def require(cfg: DictConfig, key: str, check: Callable[[object], bool], expect: str) -> None:
-    """Raise ConfigError naming `key` unless `check(value)` holds."""
+def require(cfg: DictConfig, key: str, check: Callable[[object], bool], expect: str, *,
+            allow_none: bool = False) -> None:
+    """Raise ConfigError naming `key` unless `check(value)` holds (or the value is null and `allow_none`)."""
     value = OmegaConf.select(cfg, key, default=None)
+    if value is None and allow_none:
+        return
     try:
         ok = value is not None and bool(check(value))
     except (TypeError, ValueError):

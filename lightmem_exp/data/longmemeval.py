@@ -57,7 +57,7 @@ def _item(path: Path, i: int, item: dict, out: SourceData) -> None:
     if len(set(map(str, sids))) != len(sids):
         raise DataError(path, "haystack_session_ids repeat an id", field=f"{w}.haystack_session_ids")
     evidence: list[str] = []
-    for s, (sid, turns, date) in enumerate(zip(sids, sessions, dates)):
+    for s, (sid, turns, date) in enumerate(zip(sids, sessions, dates, strict=True)):
         sw = f"{w}.haystack_sessions[{s}]"
         expect(sid, str, path, f"{w}.haystack_session_ids[{s}]")
         stamp = _date(path, date, f"{w}.haystack_dates[{s}]")

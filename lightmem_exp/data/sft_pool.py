@@ -128,7 +128,7 @@ def _read_file(path: Path, quirks: Counter) -> list[list[ChatMessage]]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:  # line numbers for errors inside valid JSON lines
             lines = [n for n, text in enumerate(f, start=1) if text.strip()]
-        for n, row in zip(lines, iter_jsonl(path)):
+        for n, row in zip(lines, iter_jsonl(path), strict=True):
             chats.append(render_chat(path, row, "", quirks, line=n))
     else:
         data = read_json(path)
@@ -183,7 +183,7 @@ def read_sft_pool(sft_dir: str | Path, max_sft: int | None = None) -> tuple[list
     if not files:
         raise DataError(sft_dir, "no *.json or *.jsonl SFT file in the directory")
     rows: list[dict] = []
-    for (name, chats), cap in zip(files, _caps([len(c) for _, c in files], max_sft)):
+    for (name, chats), cap in zip(files, _caps([len(c) for _, c in files], max_sft), strict=True):
         for chat in chats[:cap]:
             has_think = any(m["role"] == "assistant" and m["content"].startswith("<think>") for m in chat)
             rows.append({"index": len(rows), "source": name, "messages": chat, "has_think": has_think})

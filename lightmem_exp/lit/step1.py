@@ -1,4 +1,9 @@
-"""Step1 training: the `<recall>` hidden state learns to retrieve its memory from frozen keys."""
+"""Step1 training: the `<recall>` hidden state learns to retrieve its memory among the training keys.
+
+Keys are the same representation a bank stores (last real token's last hidden state of the key text). With
+`refresh_keys` the key side trains too: the batch's positive keys are re-encoded with gradients and every
+other key comes from a cache re-encoded at each epoch start; without it the keys are the base model's, frozen.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +11,58 @@ import torch
 import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
+from lightmem_exp.data.recall_queries import collate_queries
 from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint
 from lightmem_exp.models.memory_bank import last_token_hidden
 from lightmem_exp.models.recall_loss import recall_contrastive_loss
 
 
 class RecallQueryModule(TrainableOnlyCheckpoint):
-    def __init__(self, model: torch.nn.Module, keys: torch.Tensor, *, temperature: float, negatives: str,
-                 lr: float, weight_decay: float, warmup_ratio: float, embedding_param: torch.nn.Parameter):
+    def __init__(self, model: torch.nn.Module, key_token_ids: list[list[int]], *, pad_id: int, temperature: float,
+                 negatives: str, refresh_keys: bool, lr: float, weight_decay: float, warmup_ratio: float,
+                 encode_batch_size: int = 64):
         super().__init__()
         self.model = model
-        self.register_buffer("keys", F.normalize(keys.float(), dim=-1), persistent=False)
-        self.temperature, self.negatives = temperature, negatives
+        self.key_token_ids, self.pad_id, self.encode_batch_size = key_token_ids, pad_id, encode_batch_size
+        self.temperature, self.negatives, self.refresh_keys = temperature, negatives, refresh_keys
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
-        self.embedding_param = embedding_param
-        self.save_hyperparameters(ignore=["model", "keys", "embedding_param"])
+        self.register_buffer("key_cache", torch.empty(0), persistent=False)
+        self.save_hyperparameters(ignore=["model", "key_token_ids"])
 
-    def query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit query vectors [B, H]: the last-layer hidden state at each row's last real token (`<recall>`)."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit vectors [B, H]: the last-layer hidden state at each row's last real token."""
         return F.normalize(last_token_hidden(self.model, input_ids, attention_mask).float(), dim=-1)
 
+    def _encode_keys(self, key_idx: list[int]) -> torch.Tensor:
+        b = collate_queries([{"input_ids": self.key_token_ids[i], "targets": []} for i in key_idx], self.pad_id)
+        return self.encode(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+
+    @torch.no_grad()
+    def refresh_key_cache(self) -> None:
+        was_training = self.training
+        self.eval()
+        n, bs = len(self.key_token_ids), self.encode_batch_size
+        self.key_cache = torch.cat([self._encode_keys(list(range(i, min(i + bs, n)))) for i in range(0, n, bs)])
+        self.train(was_training)
+
+    def on_train_epoch_start(self) -> None:
+        if self.refresh_keys or self.key_cache.numel() == 0:
+            self.refresh_key_cache()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        q = self.query(batch["input_ids"], batch["attention_mask"])
-        loss = recall_contrastive_loss(q, self.keys, batch["targets"], temperature=self.temperature,
+        q = self.encode(batch["input_ids"], batch["attention_mask"])
+        keys = self.key_cache
+        if self.refresh_keys:
+            pos = torch.unique(batch["targets"][batch["targets"] >= 0])
+            keys = keys.index_copy(0, pos, self._encode_keys(pos.tolist()))
+        loss = recall_contrastive_loss(q, keys, batch["targets"], temperature=self.temperature,
                                        negatives=self.negatives)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(q))
         return loss
 
     def configure_optimizers(self):
-        # The embedding matrix is trainable only through a row mask; weight decay would still shrink the
-        # masked rows, so it sits in its own group with no decay.
-        emb = [self.embedding_param] if self.embedding_param.requires_grad else []
-        others = [p for p in self.parameters() if p.requires_grad and p is not self.embedding_param]
-        opt = torch.optim.AdamW([{"params": others, "weight_decay": self.weight_decay},
-                                 {"params": emb, "weight_decay": 0.0}], lr=self.lr)
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -36,6 +36,7 @@ from transformers import (
 
 from lightmem_exp.errors import LmxError
 from lightmem_exp.models.memory_bank import MemoryBank, logits_to_keep_kwargs
+from lightmem_exp.models.memory_head import MemoryHead
 
 # Warpers that only look at the scores' values, never at token ids, so they mean the same thing on memory logits.
 # Any other processor joins the memory side by setting `applies_to_memory = True` on itself.
@@ -113,41 +114,14 @@ def generate_with_recall(
     run on memory logits too — the same objects. Recall is off when `recall_enabled` is false or `bank` is None;
     `<recall>` is then an ordinary token and the output equals `model.generate` (greedy when not sampling).
     """
-    cfg = generation_config if generation_config is not None else model.generation_config
     if input_ids.ndim != 2:
         raise LmxError(f"generate_with_recall: input_ids must be [B, T], got {tuple(input_ids.shape)}")
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    if getattr(cfg, "num_beams", 1) not in (None, 1):
-        raise LmxError("generate_with_recall: beam search is not supported (num_beams must be 1)")
-
-    max_new = max_new_tokens if max_new_tokens is not None else cfg.max_new_tokens
-    if max_new is None and cfg.max_length is not None:
-        max_new = cfg.max_length - prompt_len
-    if max_new is None:
-        raise LmxError("generate_with_recall: set max_new_tokens (argument or generation_config)")
-    do_sample = bool(use_sampling if use_sampling is not None else cfg.do_sample)
-    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device) if eos is not None else None
-    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
-    if pad is None and eos_ids is not None:
-        pad = int(eos_ids[0])
-    criteria = stopping_criteria if stopping_criteria else None
-    can_finish_early = eos_ids is not None or criteria is not None
-    if can_finish_early and pad is None:
-        raise LmxError("generate_with_recall: pad_token_id is needed to fill rows that finish early")
-
-    processors = LogitsProcessorList()
-    if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
-    processors.extend(logits_processor or [])
-    if do_sample:
-        processors.extend(build_warpers(
-            temperature if temperature is not None else cfg.temperature,
-            top_k if top_k is not None else cfg.top_k,
-            top_p if top_p is not None else cfg.top_p,
-        ))
-    memory_processors = LogitsProcessorList(p for p in processors if applies_to_memory(p))
+    d = _resolve(generation_config if generation_config is not None else model.generation_config, prompt_len,
+                 device, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                 logits_processor=logits_processor, use_sampling=use_sampling, temperature=temperature,
+                 top_k=top_k, top_p=top_p, stopping_criteria=stopping_criteria)
 
     recall_on = recall_enabled and bank is not None
     head = None
@@ -177,34 +151,37 @@ def generate_with_recall(
     # A row recalls when `<recall>` is its *input*; the prompt may already end with one.
     recall_input = recall_on and bool((input_ids[:, -1] == recall_token_id).any())
 
-    for step in range(max_new):
+    for step in range(d.max_new):
         out = model(input_ids=step_ids, inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_pos,
                     past_key_values=cache, use_cache=True, output_hidden_states=recall_input, return_dict=True,
                     **extra)
         cache = out.past_key_values
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
-        scores = processors(sequences, logits) if processors else logits
-        next_tokens = _choose(scores, do_sample, generator)
+        scores = d.processors(sequences, logits) if d.processors else logits
+        next_tokens = _choose(scores, d.do_sample, generator)
 
         inject = None
         if recall_input:
             rows = ((sequences[:, -1] == recall_token_id) & unfinished).nonzero().squeeze(1)
             if rows.numel():
                 query = out.hidden_states[-1][rows, -1]
-                chosen = _recall(head, bank, query, sequences[rows], memory_processors, do_sample, generator,
-                                 rows, step, top_k_trace, trace)
+                chosen, mem_logits = _pick_memories(head, query, sequences[rows], d.memory_processors, d.do_sample,
+                                                    generator)
+                for row, item in zip(rows.tolist(), _trace_items(bank, mem_logits, chosen, step, top_k_trace),
+                                     strict=True):
+                    trace[row].append(item)
                 next_tokens[rows] = memory_pad_token_id
                 inject = (rows, chosen)
         del out
 
-        if can_finish_early:
-            next_tokens = torch.where(unfinished, next_tokens, pad)
+        if d.can_finish_early:
+            next_tokens = torch.where(unfinished, next_tokens, d.pad)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-        if can_finish_early:
-            if eos_ids is not None:
-                unfinished &= ~torch.isin(next_tokens, eos_ids)
-            if criteria is not None:
-                unfinished &= ~criteria(sequences, scores)
+        if d.can_finish_early:
+            if d.eos_ids is not None:
+                unfinished &= ~torch.isin(next_tokens, d.eos_ids)
+            if d.criteria is not None:
+                unfinished &= ~d.criteria(sequences, scores)
             if not bool(unfinished.any()):
                 break
 
@@ -223,31 +200,84 @@ def generate_with_recall(
     return RecallOutput(sequences=sequences, recall_trace=trace)
 
 
+@dataclass
+class _Decoding:
+    """Settings resolved once per call: explicit arguments > generation config."""
+
+    max_new: int
+    do_sample: bool
+    eos_ids: torch.Tensor | None
+    pad: int | None
+    criteria: StoppingCriteriaList | None
+    processors: LogitsProcessorList
+    memory_processors: LogitsProcessorList
+
+    @property
+    def can_finish_early(self) -> bool:
+        return self.eos_ids is not None or self.criteria is not None
+
+
+def _resolve(cfg: GenerationConfig, prompt_len: int, device: torch.device, *, max_new_tokens, eos_token_id,
+             pad_token_id, logits_processor, use_sampling, temperature, top_k, top_p, stopping_criteria) -> _Decoding:
+    if getattr(cfg, "num_beams", 1) not in (None, 1):
+        raise LmxError("generate_with_recall: beam search is not supported (num_beams must be 1)")
+    max_new = max_new_tokens if max_new_tokens is not None else cfg.max_new_tokens
+    if max_new is None and cfg.max_length is not None:
+        max_new = cfg.max_length - prompt_len
+    if max_new is None:
+        raise LmxError("generate_with_recall: set max_new_tokens (argument or generation_config)")
+    do_sample = bool(use_sampling if use_sampling is not None else cfg.do_sample)
+    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device) if eos is not None else None
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    if pad is None and eos_ids is not None:
+        pad = int(eos_ids[0])  # as `generate` does
+    criteria = stopping_criteria if stopping_criteria else None
+    if (eos_ids is not None or criteria is not None) and pad is None:
+        raise LmxError("generate_with_recall: pad_token_id is needed to fill rows that finish early")
+
+    processors = LogitsProcessorList()  # the order `generate` uses: config processors, user's, then warpers
+    if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
+    processors.extend(logits_processor or [])
+    if do_sample:
+        processors.extend(build_warpers(
+            temperature if temperature is not None else cfg.temperature,
+            top_k if top_k is not None else cfg.top_k,
+            top_p if top_p is not None else cfg.top_p,
+        ))
+    memory_processors = LogitsProcessorList(p for p in processors if applies_to_memory(p))
+    return _Decoding(max_new, do_sample, eos_ids, pad, criteria, processors, memory_processors)
+
+
 def _choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
     if do_sample:
         return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
     return scores.argmax(dim=-1)
 
 
-def _recall(
-    head, bank: MemoryBank, query: torch.Tensor, row_ids: torch.Tensor, processors: LogitsProcessorList,
-    do_sample: bool, generator: torch.Generator | None, rows: torch.Tensor, step: int, top_k_trace: int,
-    trace: list[list[dict]],
-) -> torch.Tensor:
-    """Pick one memory per recalling row (MemoryHead -> processors -> sample/argmax) and record the trace."""
+def _pick_memories(
+    head: MemoryHead, query: torch.Tensor, row_ids: torch.Tensor, processors: LogitsProcessorList,
+    do_sample: bool, generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MemoryHead -> the shared processors -> sample/argmax, exactly as for a token. Returns (chosen, raw logits)."""
     logits = head(query)  # raw cosine, [R, N]
-    scores = processors(row_ids, logits.clone()) if processors else logits
-    chosen = _choose(scores, do_sample, generator)
-    top_scores, top_idx = logits.topk(min(top_k_trace, logits.shape[-1]), dim=-1)
+    scores = processors(row_ids, logits.clone()) if processors else logits  # clone: processors may work in place
+    return _choose(scores, do_sample, generator), logits
+
+
+def _trace_items(bank: MemoryBank, logits: torch.Tensor, chosen: torch.Tensor, step: int, k: int) -> list[dict]:
+    top_scores, top_idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
     picked = logits.gather(1, chosen[:, None]).squeeze(1)
     entries = bank.entries
-    for r, idx, score, cand_s, cand_i in zip(rows.tolist(), chosen.tolist(), picked.tolist(),
-                                            top_scores.tolist(), top_idx.tolist(), strict=True):
-        trace[r].append({
+    return [
+        {
             "step": step,
             "memory_id": entries[idx]["id"],
             "index": idx,
             "score": score,
             "candidates": [(entries[i]["id"], s) for i, s in zip(cand_i, cand_s, strict=True)],
-        })
-    return chosen
+        }
+        for idx, score, cand_s, cand_i in zip(chosen.tolist(), picked.tolist(), top_scores.tolist(),
+                                             top_idx.tolist(), strict=True)
+    ]

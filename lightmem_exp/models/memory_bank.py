@@ -86,7 +86,8 @@ def _check_entries(entries: Sequence[dict], where: str, taken: set[str] = frozen
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("text"), str):
             raise LmxError(f"{where}: entry {i} needs an 'id' and a string 'text', got {entry!r:.200}")
-        row = {"timestamp": None, "source": None, **entry, "id": str(entry["id"])}
+        row = {"id": None, "text": None, "timestamp": None, "source": None} | entry
+        row["id"] = str(row["id"])
         if row["id"] in seen:
             raise LmxError(f"{where}: duplicate memory id {row['id']!r}")
         seen.add(row["id"])
@@ -105,10 +106,12 @@ class MemoryBank:
         embed_scale: float,
         model_name: str | None = None,
         path: str | Path | None = None,
+        normalize: bool = True,
     ):
         if vectors.ndim != 2 or vectors.shape[0] != len(entries):
             raise LmxError(f"bank vectors {tuple(vectors.shape)} do not match {len(entries)} entries")
-        self.vectors = _normalise(vectors.cpu())
+        # `normalize=False` is for vectors already checked unit-norm (load): a save/load round trip is bit-exact.
+        self.vectors = _normalise(vectors.cpu()) if normalize else vectors.cpu().to(torch.float32).contiguous()
         self.entries = _check_entries(entries, str(path or "memory bank"))
         self.embed_scale = float(embed_scale)
         self.model_name = model_name
@@ -150,8 +153,7 @@ class MemoryBank:
         position ids follow the attention mask, so a text gets the same vector alone or in any padded batch.
         """
         rows = _check_entries(entries, "MemoryBank.build")
-        encoded = tokenizer([r["text"] for r in rows], add_special_tokens=True, truncation=True, max_length=max_length)
-        ids = encoded["input_ids"]
+        ids = bank_token_ids(tokenizer, [r["text"] for r in rows], max_length)
         for row, toks in zip(rows, ids, strict=True):
             if not toks:
                 raise LmxError(f"MemoryBank.build: memory {row['id']!r} has an empty text")
@@ -231,7 +233,7 @@ class MemoryBank:
                 raise DataError(ent_path, "each entry needs an 'id' and a string 'text'", line=lineno)
         try:
             return cls(vectors, entries, embed_scale=meta["embed_scale"], model_name=meta.get("model_name"),
-                       path=directory)
+                       path=directory, normalize=False)
         except LmxError as e:  # e.g. duplicate ids
             raise DataError(ent_path, str(e)) from e
 
@@ -298,15 +300,29 @@ class MemoryBank:
         return str(self.path) if self.path is not None else "memory bank"
 
 
-@torch.no_grad()
-def encode_last_token(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """L2-normalised last-layer hidden state at each row's last real token, `[B, H]` float32."""
+def bank_token_ids(tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> list[list[int]]:
+    """How a memory text is tokenised for its vector (plain text, the tokenizer's own special tokens)."""
+    return tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+
+
+def last_token_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden state at each row's last real token, `[B, H]`, differentiable (step1 trains through it).
+
+    This is the one representation used everywhere: bank vectors, step1 queries and the `<recall>` query in
+    `generate_with_recall` (`hidden_states[-1]`). Position ids follow the mask, so left/right padding agree.
+    """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, use_cache=False, return_dict=True, **logits_to_keep_kwargs(model))
     hidden = out.hidden_states[-1]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return F.normalize(hidden[rows, last_token_index(attention_mask)].float(), dim=-1)
+    return hidden[rows, last_token_index(attention_mask)]
+
+
+@torch.no_grad()
+def encode_last_token(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`last_token_hidden`, L2-normalised, float32, without autograd: what a bank stores."""
+    return F.normalize(last_token_hidden(model, input_ids, attention_mask).float(), dim=-1)
 
 
 def logits_to_keep_kwargs(model: torch.nn.Module) -> dict:

@@ -42,9 +42,7 @@ EXTRA_SPECIAL_TOKENS = (RECALL_TOKEN, MEMORY_PAD_TOKEN, THINK_TOKEN, THINK_END_T
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, EOS_TOKEN, *EXTRA_SPECIAL_TOKENS)
 
 # Qwen2's pre-tokenisation split (contractions, letter runs, single digits, punctuation runs, newlines, spaces).
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # ChatML layout: <|im_start|>{role}\n{content}<|im_end|>\n. Assistant turns are wrapped in {% generation %} so that
 # `apply_chat_template(..., return_assistant_tokens_mask=True)` can mask the loss to assistant tokens.
@@ -55,7 +53,7 @@ CHAT_TEMPLATE = (
     "{%- if messages and messages[0].role == 'system' -%}{{- messages[0].content + '\\n\\n' -}}{%- endif -%}"
     "{{- '# Tools\\n\\nFunction signatures, one JSON object per line:\\n<tools>\\n' -}}"
     "{%- for tool in tools -%}{{- tool | tojson + '\\n' -}}{%- endfor -%}"
-    "{{- '</tools>\\n\\nTo call a function, reply with <tool_call>\\n{\"name\": <name>, \"arguments\": <args>}"
+    '{{- \'</tools>\\n\\nTo call a function, reply with <tool_call>\\n{"name": <name>, "arguments": <args>}'
     "\\n</tool_call><|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
@@ -118,12 +116,16 @@ def ensure_tiny_model(out_dir: str | Path, data_root: str | Path, spec: Mapping[
             return out_dir
         _check_replaceable(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable like any dir
         try:
             t0 = time.perf_counter()
             record = build_tiny_model(tmp, Path(data_root), clean)
             log.info(
                 "built tiny model at %s: %d parameters, vocab %d, %.1fs",
-                out_dir, record["num_parameters"], record["tokenizer_size"], time.perf_counter() - t0,
+                out_dir,
+                record["num_parameters"],
+                record["tokenizer_size"],
+                time.perf_counter() - t0,
             )
             _install(tmp, out_dir, key)
         finally:
@@ -149,7 +151,9 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"model.tiny.{name}", f"must be >= 1, got {value}")
         out[name] = value
     if out["vocab_size"] < MIN_VOCAB:
-        raise ConfigError("model.tiny.vocab_size", f"must be >= {MIN_VOCAB} (bytes + special tokens), got {out['vocab_size']}")
+        raise ConfigError(
+            "model.tiny.vocab_size", f"must be >= {MIN_VOCAB} (bytes + special tokens), got {out['vocab_size']}"
+        )
     if out["hidden_size"] % out["num_attention_heads"]:
         raise ConfigError("model.tiny.num_attention_heads", "must divide hidden_size")
     if out["num_attention_heads"] % out["num_key_value_heads"]:
@@ -269,7 +273,7 @@ def build_tiny_model(out_dir: Path, data_root: Path, clean_spec: Mapping[str, An
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
         model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = ids[EOS_TOKEN]
+    model.generation_config.eos_token_id = [ids[EOS_TOKEN], ids[PAD_TOKEN]]  # as Qwen: stop at either
     model.generation_config.pad_token_id = ids[PAD_TOKEN]
     model.save_pretrained(out_dir)
 
@@ -298,6 +302,12 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_replaceable(out_dir: Path) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,7 +15,6 @@ from lightmem_exp.artifacts import MANIFEST, load_manifest
 from lightmem_exp.config import save_resolved, validate_common
 from lightmem_exp.errors import LmxError
 from lightmem_exp.logging_utils import finish_loggers
-from lightmem_exp.stages import data, step1
 from lightmem_exp.stages.base import StageResult, stage_dir
 
 log = logging.getLogger(__name__)
@@ -22,15 +22,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage module exposing `run(cfg) -> StageResult`, `validate(cfg)` and `UPSTREAM`; imported on first use
+    so that `stage=data` does not pay for importing the training stack."""
+
     name: str
-    run: Callable[[DictConfig], StageResult]
-    validate: Callable[[DictConfig], None]
-    upstream: tuple[str, ...]
+    module: str
+
+    @property
+    def impl(self) -> ModuleType:
+        return importlib.import_module(self.module)
 
 
 STAGES: dict[str, Stage] = {
-    "data": Stage("data", data.run, data.validate, data.UPSTREAM),
-    "step1": Stage("step1", step1.run, step1.validate, step1.UPSTREAM),
+    "data": Stage("data", "lightmem_exp.stages.data"),
+    "step1": Stage("step1", "lightmem_exp.stages.step1"),
 }
 
 # Keys that do not change what a stage computes, ignored when deciding if a finished stage can be reused.
@@ -82,7 +87,7 @@ def run_stage(cfg: DictConfig, name: str, *, in_pipeline: bool = False) -> Stage
     save_resolved(sub, sdir / "config.yaml")
     log.info("stage %s -> %s", name, sdir)
     try:
-        return STAGES[name].run(sub)
+        return STAGES[name].impl.run(sub)
     finally:
         finish_loggers()
 
@@ -103,11 +108,11 @@ def validate(cfg: DictConfig) -> list[str]:
         if unknown:
             raise LmxError(f"stage.order names stages that do not exist: {unknown} (registered: {list(STAGES)})")
         for s in order:
-            STAGES[s].validate(_stage_cfg(cfg, s, True))
+            STAGES[s].impl.validate(_stage_cfg(cfg, s, True))
         return order
     if name not in STAGES:
         raise LmxError(f"stage '{name}' is not implemented (registered: {list(STAGES)})")
-    STAGES[name].validate(cfg)
+    STAGES[name].impl.validate(cfg)
     return [name]
 
 

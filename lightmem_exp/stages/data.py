@@ -12,20 +12,19 @@ from omegaconf import DictConfig
 
 from lightmem_exp.artifacts import Manifest, write_json, write_jsonl, write_manifest
 from lightmem_exp.config import require
-from lightmem_exp.data.build import build_dataset
+from lightmem_exp.data import ARTIFACTS, build_dataset
 from lightmem_exp.logging_utils import make_logger, run_id
 from lightmem_exp.models.chat import chat_token_ids
 from lightmem_exp.models.loading import load_tokenizer
 from lightmem_exp.stages.base import StageResult
 
 UPSTREAM: tuple[str, ...] = ()
-ARTIFACTS = ("memories", "qa", "sessions", "recall_pairs", "fact_qa", "update_decisions", "sft_pool", "session_qa")
 
 
 def validate(cfg: DictConfig) -> None:
     require(cfg, "data.name", lambda v: v in ("locomo", "longmemeval"), "'locomo' or 'longmemeval'")
     require(cfg, "data.context_window", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    require(cfg, "data.max_sft", lambda v: v == -1 or (isinstance(v, int) and v >= 1), "null or an integer >= 1")
+    require(cfg, "data.max_sft", lambda v: isinstance(v, int) and v >= 1, "null or an integer >= 1", allow_none=True)
 
 
 def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:

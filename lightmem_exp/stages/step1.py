@@ -1,9 +1,4 @@
-"""Stage step1: train `<recall>` so its hidden state queries a frozen memory bank (see conf/stage/step1.yaml).
-
-Bank vectors are built once from the base model (adapters off) and stay frozen: they are the keys the query
-learns to hit, and step2 later learns to decode exactly these vectors, so refreshing them would move both
-targets at once.
-"""
+"""Stage step1: train `<recall>` so its hidden state queries the memory bank (see conf/stage/step1.yaml)."""
 
 from __future__ import annotations
 
@@ -29,10 +24,10 @@ from lightmem_exp.models.loading import (
     ensure_memory_tokens,
     load_model,
     load_tokenizer,
-    save_token_rows,
-    train_only_rows,
+    prepare_for_kbit_training,
+    save_adapter,
 )
-from lightmem_exp.models.memory_bank import MemoryBank
+from lightmem_exp.models.memory_bank import MemoryBank, bank_token_ids
 from lightmem_exp.retrieval import BM25Retriever, DenseRetriever, ranking_metrics
 from lightmem_exp.stages.base import StageResult, load_upstream
 
@@ -52,12 +47,14 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, s + "sft_ratio", lambda v: v >= 0, "a number >= 0")
     require(cfg, s + "sft_max_tokens", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
     require(cfg, s + "max_query_tokens", lambda v: isinstance(v, int) and v >= 8, "an integer >= 8")
-    require(cfg, "data.max_memories", lambda v: v == -1 or (isinstance(v, int) and v >= 1), "null or an integer >= 1")
+    require(cfg, "data.max_memories", lambda v: isinstance(v, int) and v >= 1, "null or an integer >= 1",
+            allow_none=True)
 
 
-def select_training_memories(memories: list[dict], pairs: list[dict], train_convs: set[str], cap: int | None,
-                             seed: int) -> list[dict]:
-    """Train-split memories that answer at least one train recall pair; a seeded sample of `cap` of them."""
+def select_written_memories(memories: list[dict], pairs: list[dict], train_convs: set[str], cap: int | None,
+                            seed: int) -> list[dict]:
+    """The memories this pipeline writes into the model (step2's set): train-split memories that answer at least
+    one train recall pair, a seeded sample of `cap` of them."""
     wanted = {mid for p in pairs if p["conv_id"] in train_convs for mid in p["memory_ids"]}
     chosen = [m for m in memories if m["conv_id"] in train_convs and m["id"] in wanted]
     if cap is not None and len(chosen) > cap:
@@ -66,19 +63,17 @@ def select_training_memories(memories: list[dict], pairs: list[dict], train_conv
 
 
 @torch.no_grad()
-def query_vectors(module: RecallQueryModule, rows: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
-    module.eval()
-    out = []
-    for i in range(0, len(rows), batch_size):
-        b = collate_queries(rows[i : i + batch_size], pad_id)
-        out.append(module.query(b["input_ids"].to(module.device), b["attention_mask"].to(module.device)).cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
 def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
                    ks: list[int]) -> dict:
-    q = query_vectors(module, rows, pad_id, batch_size)
-    _, idx = bank.topk(q, max(ks))
+    """recall@k / MRR of `<recall>` queries against every vector of `bank`."""
+    was_training = module.training
+    module.eval()
+    q = []
+    for i in range(0, len(rows), batch_size):
+        b = collate_queries(rows[i : i + batch_size], pad_id)
+        q.append(module.encode(b["input_ids"].to(module.device), b["attention_mask"].to(module.device)).cpu())
+    module.train(was_training)
+    _, idx = bank.topk(torch.cat(q), max(ks))
     return ranking_metrics(idx.tolist(), [set(r["targets"]) for r in rows], ks)
 
 
@@ -93,55 +88,51 @@ def run(cfg: DictConfig) -> StageResult:
     tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
     model = load_model(cfg.model, cfg.paths.data, quant_cfg=cfg.quant)
     tok_ids = ensure_memory_tokens(model, tokenizer)
+    pad_id, bs, ks, mq = tokenizer.pad_token_id, st.batch_size, list(st.eval_ks), st.max_query_tokens
+    train_convs, val_convs = set(splits["train"]), set(splits["val"])
 
-    # Keys: the full bank from the base model, frozen; training keys are its training rows + <think> keys.
-    bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)
-    row_of = {mid: i for i, mid in enumerate(bank.ids)}
-    cap = None if cfg.data.max_memories in (None, -1) else int(cfg.data.max_memories)
-    train_mems = select_training_memories(memories, pairs, set(splits["train"]), cap, cfg.seed)
-    if not train_mems:
-        raise LmxError(f"no training memories: the train split of {data.dir} has no recall pairs")
-    key_of = {m["id"]: k for k, m in enumerate(train_mems)}
-
+    written = select_written_memories(memories, pairs, train_convs, cfg.data.max_memories, cfg.seed)
+    if not written:
+        raise LmxError(f"no memories to train on: the train split of {data.dir} has no recall pairs")
     segments = think_segments(pool)
     draw = draw_within_limit(
-        segments, math.ceil(len(train_mems) * st.sft_ratio), max_tokens=st.sft_max_tokens, rng=random.Random(cfg.seed),
+        segments, math.ceil(len(written) * st.sft_ratio), max_tokens=st.sft_max_tokens, rng=random.Random(cfg.seed),
         n_tokens=lambda s: len(tokenizer(s["think"], add_special_tokens=False)["input_ids"]),
         what="step1 <think> sampling from the SFT pool",
     )
-    think_bank = MemoryBank.build(
-        model, tokenizer, [{"id": f"sft:{s['pool_index']}:{s['turn']}", "text": s["think"]} for s in draw.items],
-        batch_size=st.bank_batch_size, progress=False,
-    ) if draw.items else None
-    keys = bank.vectors[[row_of[m["id"]] for m in train_mems]]
-    if think_bank is not None:
-        keys = torch.cat([keys, think_bank.vectors])
 
-    mq = st.max_query_tokens
+    # Training keys: every train-split memory that answers a train pair, then the drawn <think> segments.
+    key_mems = select_written_memories(memories, pairs, train_convs, None, cfg.seed)
+    key_of = {m["id"]: k for k, m in enumerate(key_mems)}
+    key_texts = [m["text"] for m in key_mems] + [s["think"] for s in draw.items]
+    key_ids = bank_token_ids(tokenizer, key_texts)
     train_rows = [
         {"input_ids": user_query_ids(tokenizer, p["query"], tok_ids.recall, mq), "kind": p["query_kind"],
          "targets": [key_of[m] for m in p["memory_ids"] if m in key_of]}
-        for p in pairs if p["conv_id"] in splits["train"]
+        for p in pairs if p["conv_id"] in train_convs
     ]
     train_rows = [r for r in train_rows if r["targets"]]
     train_rows += [
         {"input_ids": think_query_ids(tokenizer, s["context"], tok_ids.recall, mq), "kind": "think",
-         "targets": [len(train_mems) + j]}
+         "targets": [len(key_mems) + j]}
         for j, s in enumerate(draw.items)
     ]
-    val_pairs = [p for p in pairs if p["conv_id"] in splits["val"] and p["query_kind"] == "question"
+
+    # Evaluation: the val split's questions against the full bank of every memory.
+    bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)
+    row_of = {mid: i for i, mid in enumerate(bank.ids)}
+    val_pairs = [p for p in pairs if p["conv_id"] in val_convs and p["query_kind"] == "question"
                  and any(m in row_of for m in p["memory_ids"])]
     val_rows = [{"input_ids": user_query_ids(tokenizer, p["query"], tok_ids.recall, mq), "kind": "question",
                  "targets": [row_of[m] for m in p["memory_ids"] if m in row_of]} for p in val_pairs]
 
-    model = attach_lora(model, cfg.lora)
-    embedding = model.get_input_embeddings()
-    train_only_rows(embedding, [tok_ids.recall, tok_ids.memory_pad])
-    module = RecallQueryModule(model, keys, temperature=st.temperature, negatives=st.negatives, lr=st.lr,
-                               weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio,
-                               embedding_param=embedding.weight)
-    pad_id = tokenizer.pad_token_id
-    bs, ks = st.batch_size, list(st.eval_ks)
+    # LoRA plus only the <recall>/<|memory_pad|> embedding rows (PEFT trainable tokens: the adapter stores just
+    # those rows, so neither a full embedding matrix nor its optimizer state exists).
+    model = prepare_for_kbit_training(model, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    model = attach_lora(model, cfg.lora, token_ids=[tok_ids.recall, tok_ids.memory_pad])
+    module = RecallQueryModule(model, key_ids, pad_id=pad_id, temperature=st.temperature, negatives=st.negatives,
+                               refresh_keys=st.refresh_keys, lr=st.lr, weight_decay=st.weight_decay,
+                               warmup_ratio=st.warmup_ratio, encode_batch_size=st.bank_batch_size)
     metrics: dict[str, float] = {}
     if val_rows:
         metrics.update({f"untrained/{k}": v for k, v in recall_metrics(module, val_rows, bank, pad_id, bs, ks).items()})
@@ -153,6 +144,8 @@ def run(cfg: DictConfig) -> StageResult:
     trainer = make_trainer(cfg, sdir, max_epochs=st.max_epochs, logger=logger,
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path(cfg, sdir))
+    if st.refresh_keys:  # the keys moved with the model: the exported bank is re-encoded by the trained model
+        bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)
 
     if val_rows:
         metrics.update({f"val/{k}": v for k, v in recall_metrics(module, val_rows, bank, pad_id, bs, ks).items()})
@@ -167,21 +160,20 @@ def run(cfg: DictConfig) -> StageResult:
     manifest = None
     if trainer.is_global_zero:
         bank.save(sdir / "bank")
-        model.save_pretrained(str(sdir / "adapter"), save_embedding_layers=False)
-        save_token_rows(model, [tok_ids.recall, tok_ids.memory_pad], sdir / "token_rows.safetensors")
+        save_adapter(model, sdir / "adapter")
         tokenizer.save_pretrained(str(sdir / "tokenizer"))
-        write_jsonl(sdir / "train_memories.jsonl", ({"id": m["id"], "key": key_of[m["id"]]} for m in train_mems))
+        write_jsonl(sdir / "written_memories.jsonl", ({"id": m["id"], "text": m["text"]} for m in written))
         write_json(sdir / "sft_draw.json", {"pool_indices": [[s["pool_index"], s["turn"]] for s in draw.items],
                                             "skipped_too_long": draw.skipped_too_long})
         if logger is not None:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "headline"})
         manifest = Manifest(
             stage="step1", seed=cfg.seed, metrics=metrics, run_id=run_id(logger), inputs={"data": data.ref()},
-            outputs={"bank": "bank", "adapter": "adapter", "token_rows": "token_rows.safetensors",
-                     "tokenizer": "tokenizer", "train_memories": "train_memories.jsonl", "sft_draw": "sft_draw.json"},
-            stats={"train_queries": len(train_rows), "train_memories": len(train_mems), "think_samples": len(draw.items),
+            outputs={"bank": "bank", "adapter": "adapter", "tokenizer": "tokenizer", "written_memories": "written_memories.jsonl", "sft_draw": "sft_draw.json"},
+            stats={"train_queries": len(train_rows), "train_keys": len(key_ids), "written_memories": len(written),
+                   "think_samples": len(draw.items),
                    "val_questions": len(val_rows), "bank_size": len(bank), "memory_tokens_added": tok_ids.added,
-                   "bank_vectors": "frozen, built from the base model before LoRA"},
+                   "bank_vectors": "re-encoded by the trained model" if st.refresh_keys else "frozen base model"},
         )
         write_manifest(sdir, manifest)
     return StageResult(stage="step1", dir=sdir, manifest=manifest, metrics=metrics, headline=metrics["headline"])

@@ -19,9 +19,10 @@ def test_locomo_counts_and_rerun_refusal(tmp_path, data_root):
     sdir = tmp_path / "outputs" / "default" / "data"
     m = _manifest(sdir)
     assert m["stage"] == "data" and m["seed"] == 0
-    assert m["stats"]["observations_before_dedup"] == 2541
-    assert m["stats"]["qa_total"] == 1986
-    assert m["stats"]["qa_per_category"]["5"] == 446
+    assert m["stats"]["memories"]["observations_before_dedup"] == 2541
+    assert m["metrics"]["count/qa"] == 1986
+    assert m["stats"]["qa"]["per_category"]["5"] == 446
+    assert m["stats"]["quirks"]["qa_answer_missing"] == 444
     for rel in m["outputs"].values():
         assert (sdir / rel).exists()
     assert (sdir / "config.yaml").exists()
