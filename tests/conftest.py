@@ -58,3 +58,51 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) 
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, "-m", "lightmem_exp", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+SMALL_TINY_SPEC = {
+    "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+    "tie_word_embeddings": True, "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def small_model_cfg(tmp_path_factory, data_root) -> DictConfig:
+    """A model config for a very small tiny-family model (same build and loading path as model=tiny)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "name": "tiny", "name_or_path": str(tmp_path_factory.mktemp("cache") / "tiny-small"), "build": "tiny",
+        "init": "pretrained", "torch_dtype": "float32", "attn_implementation": "sdpa", "tiny": SMALL_TINY_SPEC,
+    })
+
+
+@pytest.fixture(scope="session")
+def small_locomo(tmp_path_factory, data_root) -> Path:
+    """Five real LoCoMo conversations cut to their first three sessions (all annotations kept for those)."""
+    import json
+
+    src = json.loads((data_root / "locomo" / "locomo10.json").read_text())
+    keep_sessions = 3
+    out = []
+    for sample in src[:5]:
+        s = json.loads(json.dumps(sample))
+        conv = s["conversation"]
+        for key in list(conv):
+            if key.startswith("session_") and int(key.split("_")[1]) > keep_sessions:
+                del conv[key]
+        for group in ("observation", "session_summary", "event_summary"):
+            s[group] = {k: v for k, v in s[group].items()
+                        if int("".join(c for c in k.split("session_")[1] if c.isdigit()) or 0) <= keep_sessions}
+        s["qa"] = [q for q in s["qa"] if all(_session_of(e) <= keep_sessions for e in q.get("evidence", []))
+                   and q.get("evidence")]
+        out.append(s)
+    path = tmp_path_factory.mktemp("small_locomo") / "locomo_small.json"
+    path.write_text(json.dumps(out))
+    return path
+
+
+def _session_of(dia_id: str) -> int:
+    digits = dia_id.split(":")[0].lstrip("D")
+    return int(digits) if digits.isdigit() else 10**6

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from lightmem_exp.data.recall_queries import collate_queries
-from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint
+from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, decay_groups
 from lightmem_exp.models.memory_bank import last_token_hidden
 from lightmem_exp.models.recall_loss import recall_contrastive_loss
 
@@ -61,8 +61,7 @@ class RecallQueryModule(TrainableOnlyCheckpoint):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(decay_groups(self, self.weight_decay), lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

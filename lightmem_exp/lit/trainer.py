@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +38,16 @@ def resume_path(cfg: DictConfig, sdir: Path) -> str | None:
     """The stage's own last checkpoint when resume=auto and one exists (never an upstream's weights)."""
     last = sdir / CKPT_DIR / "last.ckpt"
     return str(last) if cfg.resume == "auto" and last.exists() else None
+
+
+def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on PEFT trainable-token rows (they hold the token embeddings themselves, so decay
+    would shrink rows that never got a gradient), biases and norms."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if "trainable_tokens" in name or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class TrainableOnlyCheckpoint(L.LightningModule):
