@@ -1,8 +1,11 @@
 """Step1 training: the `<recall>` hidden state learns to retrieve its memory among the training keys.
 
-Keys are the same representation a bank stores (last real token's last hidden state of the key text). With
-`refresh_keys` the key side trains too: the batch's positive keys are re-encoded with gradients and every
-other key comes from a cache re-encoded at each epoch start; without it the keys are the base model's, frozen.
+Keys are the same representation a bank stores (last real token's last hidden state of the key text).
+- frozen keys (`refresh_keys=false`): the base model's key vectors, encoded once; negatives are the whole key
+  set (`negatives=bank`) or the batch's positives (`in_batch`).
+- refreshed keys (`refresh_keys=true`): the key side trains too, as a dual encoder: the batch's positive keys are
+  re-encoded with gradients and only they are candidates. Mixing fresh keys with stale cached ones as negatives
+  collapses (measured: the loss sticks at ln(batch size), the model only learns to tell fresh from stale).
 """
 
 from __future__ import annotations
@@ -46,17 +49,19 @@ class RecallQueryModule(TrainableOnlyCheckpoint):
         self.train(was_training)
 
     def on_train_epoch_start(self) -> None:
-        if self.refresh_keys or self.key_cache.numel() == 0:
+        if not self.refresh_keys and self.key_cache.numel() == 0:
             self.refresh_key_cache()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.encode(batch["input_ids"], batch["attention_mask"])
-        keys = self.key_cache
         if self.refresh_keys:
             pos = torch.unique(batch["targets"][batch["targets"] >= 0])
-            keys = keys.index_copy(0, pos, self._encode_keys(pos.tolist()))
-        loss = recall_contrastive_loss(q, keys, batch["targets"], temperature=self.temperature,
-                                       negatives=self.negatives)
+            fresh = self._encode_keys(pos.tolist())
+            keys = fresh.new_zeros(len(self.key_token_ids), fresh.shape[-1]).index_copy(0, pos, fresh)
+            negatives = "in_batch"
+        else:
+            keys, negatives = self.key_cache, self.negatives
+        loss = recall_contrastive_loss(q, keys, batch["targets"], temperature=self.temperature, negatives=negatives)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(q))
         return loss
 

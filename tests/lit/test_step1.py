@@ -50,9 +50,8 @@ def test_only_memory_token_rows_of_the_embedding_train(small_model_cfg, data_roo
 
 def test_frozen_keys_never_move_refreshed_keys_do(small_model_cfg, data_root):
     frozen, _, batch = _setup(small_model_cfg, data_root, refresh_keys=False)
-    frozen.refresh_key_cache()
+    frozen.on_train_epoch_start()  # a frozen cache is encoded once by the base model
     k0 = frozen.key_cache.clone()
-    frozen.on_train_epoch_start()  # a frozen cache is filled once, never refreshed
     _step_no_refresh(frozen, batch)
     frozen.on_train_epoch_start()
     assert torch.equal(frozen.key_cache, k0)
@@ -61,9 +60,18 @@ def test_frozen_keys_never_move_refreshed_keys_do(small_model_cfg, data_root):
     fresh.refresh_key_cache()
     k0 = fresh.key_cache.clone()
     _step(fresh, batch)
-    fresh.on_train_epoch_start()
-    assert not torch.allclose(fresh.key_cache, k0)
+    fresh.refresh_key_cache()
+    assert not torch.allclose(fresh.key_cache, k0)  # the key side trained with the query side
     assert torch.allclose(fresh.key_cache.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
+
+
+def test_refreshed_keys_never_use_stale_cached_negatives(small_model_cfg, data_root):
+    module, _, batch = _setup(small_model_cfg, data_root, refresh_keys=True)
+    module.eval()
+    module.key_cache = torch.empty(0)
+    loss_a = module.training_step(batch, 0)
+    module.key_cache = torch.randn(len(TEXTS), 32)
+    assert torch.equal(loss_a, module.training_step(batch, 0))
 
 
 def _step_no_refresh(module, batch):
