@@ -12,6 +12,8 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
+from lightmem_exp.artifacts import write_text
+
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -33,7 +35,7 @@ def make_logger(cfg: DictConfig, sdir: Path) -> Logger | None:
             id=run_id, resume="allow" if run_id else None,
         )
         if run_id is None:
-            id_file.write_text(wl.experiment.id)
+            write_text(id_file, wl.experiment.id)
         return wl
     return None
 

@@ -36,6 +36,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "data": Stage("data", "lightmem_exp.stages.data"),
     "step1": Stage("step1", "lightmem_exp.stages.step1"),
+    "sft": Stage("sft", "lightmem_exp.stages.sft"),
 }
 
 # Keys that do not change what a stage computes, ignored when deciding if a finished stage can be reused.

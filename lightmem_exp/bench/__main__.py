@@ -1,0 +1,124 @@
+"""python -m lightmem_exp.bench [--quick] [--out DIR] [--only G1,G3] : measure, write results.json + results.md.
+
+Every row times our code and its baseline side by side in this one run (warm-ups, interleaved repeats, median),
+with `torch.set_num_threads(2)` and a fixed seed. Rows of stages not built yet are listed as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+GROUPS = ("G1", "G2", "G3", "G8")
+log = logging.getLogger("lightmem_exp.bench")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lightmem_exp.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("outputs") / "bench", help="output folder (default outputs/bench)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (for tests; numbers mean little)")
+    p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (default 9; 3 with --quick)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.only = [g.strip().upper() for g in args.only.split(",") if g.strip()]
+    unknown = sorted(set(args.only) - set(GROUPS))
+    if unknown:
+        p.error(f"--only: unknown rows {unknown}; choose from {list(GROUPS)}")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def settings_from(args: argparse.Namespace):
+    from lightmem_exp.bench import cases
+
+    s = cases.Settings.quick() if args.quick else cases.Settings()
+    s.seed = args.seed
+    if args.repeats is not None:
+        s.repeats = args.repeats
+    return s
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the bench; returns the rows written to `<out>/results.json` (also `results.md`, `run.json`)."""
+    args = parse_args(argv)
+    # On a shared 2-core machine, OpenMP threads that spin while they wait turn every parallel region of a small
+    # model into a scheduling lottery (measured: 40-300 ms/token instead of ~4 ms with two threads and other jobs
+    # running). Passive waiting removes that for both sides alike. Only effective before torch is first imported.
+    omp_policy_set_here = "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+    if omp_policy_set_here:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    import numpy as np
+    import torch
+
+    from lightmem_exp.artifacts import write_json, write_text
+    from lightmem_exp.bench import cases
+    from lightmem_exp.bench.explain import EXPLANATIONS
+    from lightmem_exp.bench.rows import render_markdown
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # one INFO line per index build otherwise
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    s = settings_from(args)
+    start, load_start = time.perf_counter(), os.getloadavg()
+
+    cfg = cases.tiny_config()
+    locomo = Path(str(cfg.paths.data)) / "locomo" / "locomo10.json"
+    rows: list[dict] = []
+    model = tokenizer = ids = None
+    if {"G1", "G2"} & set(args.only):
+        model, tokenizer, ids = cases.load_tiny(cfg)
+        from lightmem_exp.bench.bm25_naive import locomo_texts
+
+        prompt_text = " ".join(locomo_texts(locomo)[0][:8])
+        log.info("G1/G2: generation on %s", model.name_or_path)
+        rows += cases.generation_rows(s, model, tokenizer, ids, prompt_text, EXPLANATIONS,
+                                      which=[g for g in ("G1", "G2") if g in args.only])
+        del model
+    if "G3" in args.only:
+        log.info("G3: Memory Head top-k")
+        rows += cases.topk_rows(s, int(cfg.model.tiny.hidden_size), EXPLANATIONS)
+    if "G8" in args.only:
+        log.info("G8: BM25")
+        rows += cases.bm25_rows(s, locomo, EXPLANATIONS)
+
+    wall = time.perf_counter() - start
+    run = {"quick": args.quick, "only": args.only, "repeats": s.repeats, "warmup": s.warmup, "seed": s.seed,
+           "torch_threads": torch.get_num_threads(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_wait_policy_set_by_bench": omp_policy_set_here, "torch": torch.__version__, "numpy": np.__version__,
+           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "load_avg_start": [round(x, 2) for x in load_start],
+           "load_avg_end": [round(x, 2) for x in os.getloadavg()], "wall_s": round(wall, 1)}
+    header = {"run": f"{'quick, ' if args.quick else ''}{s.repeats} repeats after {s.warmup} warm-ups, "
+                     f"median of each side, torch threads {run['torch_threads']}, seed {s.seed}, "
+                     f"OMP_WAIT_POLICY={run['omp_wait_policy']}",
+              "machine": f"{run['cpu']}, {run['cpu_count']} cores, load average {run['load_avg_start'][0]} at "
+                         f"start / {run['load_avg_end'][0]} at end",
+              "wall time": f"{wall:.0f} s"}
+    table = render_markdown(rows, header=header)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "results.json", rows)
+    write_json(args.out / "run.json", run)
+    write_text(args.out / "results.md", table)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
