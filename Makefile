@@ -29,5 +29,8 @@ test-fast: install
 lint: install
 	$(PY) -m ruff check lightmem_exp tests
 
+bench: install
+	$(PY) -m lightmem_exp.bench
+
 clean:
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache wandb

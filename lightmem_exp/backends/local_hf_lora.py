@@ -123,6 +123,12 @@ class LocalHFLoraConfig:
         ):
             if not ok or isinstance(getattr(c, key), bool):
                 raise ConfigError(f"{prefix}.{key}", f"got {getattr(c, key)!r}, expected {expect}")
+        from lightmem_exp.models.loading import parse_dtype
+
+        try:
+            parse_dtype(c.torch_dtype)
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}.torch_dtype", str(e).split(": ", 1)[-1]) from None
         n_new = c.generation_kwargs()["max_new_tokens"]
         if not isinstance(n_new, int) or not 1 <= n_new < c.max_seq_len:
             raise ConfigError(f"{prefix}.gen_kwargs.max_new_tokens", f"got {n_new!r}, expected 1 <= n < max_seq_len")
@@ -156,19 +162,24 @@ class HFChatGenerator:
     def prompt_ids(self, chat: Chat) -> list[int]:
         return chat_token_ids(self.tokenizer, chat, add_generation_prompt=True)
 
-    @torch.no_grad()
     def __call__(self, chats: Sequence[Chat]) -> list[str]:
+        decoded = self.tokenizer.batch_decode(self.generate_ids(chats), skip_special_tokens=True)
+        return [t.strip() for t in decoded]
+
+    @torch.no_grad()
+    def generate_ids(self, chats: Sequence[Chat]) -> list[list[int]]:
+        """The new token ids of each chat's reply (pads after an early end removed)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            replies: list[str] = []
+            out: list[list[int]] = []
             for i in range(0, len(chats), self.batch_size):
-                replies += self._batch([self.prompt_ids(c) for c in chats[i : i + self.batch_size]])
-            return replies
+                out += self._batch([self.prompt_ids(c) for c in chats[i : i + self.batch_size]])
+            return out
         finally:
             self.model.train(was_training)
 
-    def _batch(self, prompts: list[list[int]]) -> list[str]:
+    def _batch(self, prompts: list[list[int]]) -> list[list[int]]:
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -179,11 +190,17 @@ class HFChatGenerator:
         device = next(self.model.parameters()).device
         kwargs = dict(self.gen_kwargs)
         gen_cfg = getattr(self.model, "generation_config", None)
-        if getattr(gen_cfg, "eos_token_id", None) is None and self.tokenizer.eos_token_id is not None:
-            kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if eos is None and self.tokenizer.eos_token_id is not None:
+            eos = kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad,
                                   use_cache=True, **kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)]
+        replies = []
+        for row in out[:, width:].tolist():
+            end = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))  # keep the end token itself
+            replies.append(row[:end])
+        return replies
 
 
 class LocalHFLoraBackend:
@@ -210,10 +227,12 @@ class LocalHFLoraBackend:
         return backend
 
     def _load(self, data_root: str | Path) -> tuple[GenerateFn, Callable[[Chat], int]]:
-        from lightmem_exp.models.loading import load_adapter, load_model, load_tokenizer
+        from lightmem_exp.models.loading import check_adapter_base, load_adapter, load_model, load_tokenizer
 
         c = self.config
         model_cfg = c.model_cfg()
+        if c.adapter_path:  # refuse an adapter made for another base before loading anything big
+            check_adapter_base(c.adapter_path, model_cfg)
         self.tokenizer = load_tokenizer(model_cfg, data_root)
         model = load_model(model_cfg, data_root, quant_cfg=c.quant, device=c.device())
         if c.adapter_path:

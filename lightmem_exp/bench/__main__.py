@@ -37,55 +37,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def settings_from(args: argparse.Namespace):
-    from lightmem_exp.bench import cases
-
-    s = cases.Settings.quick() if args.quick else cases.Settings()
-    s.seed = args.seed
-    if args.repeats is not None:
-        s.repeats = args.repeats
-    return s
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the bench; returns the rows written to `<out>/results.json` (also `results.md`, `run.json`)."""
+    """Run the bench; returns the rows written to `<out>/results.json` (also `results.md` and `run.json`)."""
     args = parse_args(argv)
-    # On a shared 2-core machine, OpenMP threads that spin while they wait turn every parallel region of a small
-    # model into a scheduling lottery (measured: 40-300 ms/token instead of ~4 ms with two threads and other jobs
-    # running). Passive waiting removes that for both sides alike. Only effective before torch is first imported.
+    # On the shared 2-core dev machine, OpenMP threads that spin while they wait turned each small parallel region
+    # of the tiny model into a scheduling lottery (measured 40-300 ms/token instead of ~2-4 ms with two threads
+    # while other jobs ran). Passive waiting removes that for both sides alike. It only takes effect when set
+    # before torch is first imported, so main() run inside another process (tests) keeps that process's setting.
     omp_policy_set_here = "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ
     if omp_policy_set_here:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    hf_logging.set_verbosity_error()
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # one INFO line per index build otherwise
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args, omp_policy_set_here)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dict]:
     import numpy as np
     import torch
 
     from lightmem_exp.artifacts import write_json, write_text
     from lightmem_exp.bench import cases
+    from lightmem_exp.bench.bm25_naive import locomo_texts
     from lightmem_exp.bench.explain import EXPLANATIONS
     from lightmem_exp.bench.rows import render_markdown
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # one INFO line per index build otherwise
-    torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    s = settings_from(args)
+    s = cases.Settings.quick() if args.quick else cases.Settings()
+    s.seed = args.seed
+    if args.repeats is not None:
+        s.repeats = args.repeats
     start, load_start = time.perf_counter(), os.getloadavg()
 
     cfg = cases.tiny_config()
     locomo = Path(str(cfg.paths.data)) / "locomo" / "locomo10.json"
     rows: list[dict] = []
-    model = tokenizer = ids = None
     if {"G1", "G2"} & set(args.only):
         model, tokenizer, ids = cases.load_tiny(cfg)
-        from lightmem_exp.bench.bm25_naive import locomo_texts
-
         prompt_text = " ".join(locomo_texts(locomo)[0][:8])
         log.info("G1/G2: generation on %s", model.name_or_path)
         rows += cases.generation_rows(s, model, tokenizer, ids, prompt_text, EXPLANATIONS,
@@ -99,22 +100,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += cases.bm25_rows(s, locomo, EXPLANATIONS)
 
     wall = time.perf_counter() - start
-    run = {"quick": args.quick, "only": args.only, "repeats": s.repeats, "warmup": s.warmup, "seed": s.seed,
-           "torch_threads": torch.get_num_threads(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_wait_policy_set_by_bench": omp_policy_set_here, "torch": torch.__version__, "numpy": np.__version__,
-           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "load_avg_start": [round(x, 2) for x in load_start],
-           "load_avg_end": [round(x, 2) for x in os.getloadavg()], "wall_s": round(wall, 1)}
-    header = {"run": f"{'quick, ' if args.quick else ''}{s.repeats} repeats after {s.warmup} warm-ups, "
-                     f"median of each side, torch threads {run['torch_threads']}, seed {s.seed}, "
-                     f"OMP_WAIT_POLICY={run['omp_wait_policy']}",
-              "machine": f"{run['cpu']}, {run['cpu_count']} cores, load average {run['load_avg_start'][0]} at "
-                         f"start / {run['load_avg_end'][0]} at end",
-              "wall time": f"{wall:.0f} s"}
+    info = {"quick": args.quick, "only": args.only, "repeats": s.repeats, "warmup": s.warmup, "seed": s.seed,
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy_set_by_bench": omp_policy_set_here, "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_avg_start": [round(x, 2) for x in load_start],
+            "load_avg_end": [round(x, 2) for x in os.getloadavg()], "wall_s": round(wall, 1)}
+    header = {
+        "run": f"{'quick, ' if args.quick else ''}{s.repeats} repeats after {s.warmup} warm-ups, sides interleaved, "
+               f"median per side; torch threads {info['torch_threads']}, seed {s.seed}, "
+               f"OMP_WAIT_POLICY={info['omp_wait_policy']}",
+        "machine": f"{info['cpu']}, {info['cpu_count']} cores, load average {info['load_avg_start'][0]} at start, "
+                   f"{info['load_avg_end'][0]} at end (other jobs share it: see the IQRs)",
+        "wall time": f"{wall:.0f} s",
+    }
     table = render_markdown(rows, header=header)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", rows)
-    write_json(args.out / "run.json", run)
+    write_json(args.out / "run.json", info)
     write_text(args.out / "results.md", table)
     print(table)
     return rows
