@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
-import hydra
-from omegaconf import DictConfig
+# Before torch loads: busy-waiting OpenMP threads slowed CPU training steps ~20x when other jobs share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lightmem_exp import config  # noqa: F401  (registers the config resolvers before Hydra composes)
-from lightmem_exp.config import CONF_DIR
-from lightmem_exp.errors import LmxError
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from lightmem_exp import config  # noqa: F401, E402  (registers the config resolvers before Hydra composes)
+from lightmem_exp.config import CONF_DIR  # noqa: E402
+from lightmem_exp.errors import LmxError  # noqa: E402
 
 log = logging.getLogger("lightmem_exp")
 
