@@ -36,7 +36,10 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "data": Stage("data", "lightmem_exp.stages.data"),
     "step1": Stage("step1", "lightmem_exp.stages.step1"),
+    "step2": Stage("step2", "lightmem_exp.stages.step2"),
     "sft": Stage("sft", "lightmem_exp.stages.sft"),
+    "adrpo": Stage("adrpo", "lightmem_exp.stages.adrpo"),
+    "eval": Stage("eval", "lightmem_exp.stages.eval"),
 }
 
 # Keys that do not change what a stage computes, ignored when deciding if a finished stage can be reused.

@@ -1,0 +1,49 @@
+"""step2 end to end through the CLI on five real LoCoMo conversations cut short: data -> step1 -> step2."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightmem_exp.models.memory_bank import MemoryBank
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
+    common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=4"]
+    for stage in (["stage=data"], ["stage=step1", "stage.max_epochs=1"],
+                  ["stage=step2", "stage.max_epochs=2", "stage.guard_size=4", "stage.recall_test.sample_size=2",
+                   "stage.demo_size=2", "stage.demo_max_new_tokens=8", "stage.sft_max_tokens=128"]):
+        r = run_cli(*stage, *common, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "outputs" / "default"
+    sdir = out / "step2"
+    m = json.loads((sdir / "manifest.json").read_text())
+    for key in ("recall/exact_match", "recall/token_f1"):
+        assert 0.0 <= m["metrics"][key] <= 1.0, key
+    assert m["metrics"]["guard/ppl_before"] > 1 and m["metrics"]["guard/ppl_after"] > 1
+    assert m["inputs"]["step1"]["stage"] == "step1" and m["inputs"]["data"]["stage"] == "data"
+    assert [h["epoch"] for h in m["stats"]["recall_test_history"]] == [0, 1]
+
+    written = [json.loads(x) for x in (out / "step1" / "written_memories.jsonl").read_text().splitlines()]
+    recall = [json.loads(x) for x in (sdir / "recall.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in recall] == [w["id"] for w in written] and len(written) == 4
+    draws = [json.loads(x) for x in (sdir / "epoch_draws.jsonl").read_text().splitlines()]
+    assert [d["epoch"] for d in draws] == [0, 1] and draws[0]["pool_indices"] != draws[1]["pool_indices"]
+    assert sum(len(v) for v in draws[0]["pool_indices"].values()) == 6   # 4 memories x 1.5
+
+    bank = MemoryBank.load(sdir / "export" / "bank")
+    assert bank.ids == [w["id"] for w in written]
+    step1_bank = MemoryBank.load(out / "step1" / "bank")
+    rows = [step1_bank.ids.index(i) for i in bank.ids]
+    assert torch.equal(bank.vectors, step1_bank.vectors[rows])
+
+    tok = AutoTokenizer.from_pretrained(str(sdir / "export" / "model"))
+    model = AutoModelForCausalLM.from_pretrained(str(sdir / "export" / "model"))
+    assert tok.convert_tokens_to_ids("<recall>") < model.get_input_embeddings().num_embeddings
+    assert (sdir / "export" / "adapter" / "adapter_config.json").exists()
+    demo = [json.loads(x) for x in (sdir / "demo.jsonl").read_text().splitlines()]
+    assert demo and all(d["recall_trace"] and d["recalled_memory_id"] in bank.ids for d in demo)
