@@ -57,6 +57,33 @@ def validate_common(cfg: DictConfig) -> None:
     require(cfg, "logger.name", lambda v: v in ("wandb", "csv", "none"), "'wandb', 'csv' or 'none'")
     require(cfg, "data.split_fractions", lambda v: len(v) == 3 and all(x >= 0 for x in v) and abs(sum(v) - 1) < 1e-6,
             "three non-negative fractions summing to 1")
+    validate_scale_out(cfg)
+
+
+MULTI_PROCESS_STRATEGIES = ("ddp", "fsdp", "deepspeed")
+
+
+def validate_scale_out(cfg: DictConfig) -> None:
+    """Refuse multirun with a multi-process strategy, and a DeepSpeed strategy without its optional extra."""
+    import importlib.util
+
+    strategy = str(OmegaConf.select(cfg, "trainer.lightning.strategy", default="auto") or "auto")
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("trainer.lightning.strategy",
+                          f"{strategy!r} needs DeepSpeed, an optional extra: pip install -e '.[deepspeed]'")
+    if strategy.startswith(MULTI_PROCESS_STRATEGIES) and _in_multirun():
+        # Lightning starts ranks > 0 by re-running this command line: under -m every rank would re-run the sweep.
+        raise ConfigError("trainer.lightning.strategy",
+                          f"{strategy!r} starts one process per device and cannot run inside a multirun (-m) "
+                          "sweep; sweep single-device jobs (trainer=gpu or cpu) and run DDP/FSDP/DeepSpeed as "
+                          "single runs with an explicit exp=")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def save_resolved(cfg: DictConfig, path: Path) -> None:

@@ -29,3 +29,28 @@ def test_dense_and_hybrid_find_semantic_match():
     hidx, _ = HybridRetriever(DOCS, embeddings=dense.emb).search(["Melanie sunrise painting"], k=3)
     assert hidx[0, 0] == 1 and len(set(hidx[0].tolist())) == 3
     assert np.allclose(np.linalg.norm(dense.emb, axis=1), 1, atol=1e-5)
+
+
+def test_bm25_index_and_results_equal_bm25s_own_build():
+    """The vectorised index build and the fused tokenizer give bm25s's own score matrix, vocabulary and results."""
+    import bm25s
+    import numpy as np
+
+    from lightmem_exp.retrieval import BM25Retriever, bm25_tokenize
+
+    docs = ["Caroline went to the LGBTQ support group", "Melanie painted a sunrise; she loves painting!",
+            "the and of", "", "Jon's bakery-café opened in 2023 — naïve über Straße", "painting painting painting"]
+    queries = ["Who loves painting?", "the of", "café 2023", "support group Caroline"]
+    assert bm25_tokenize(docs) == [[*map(str, row)] for row in bm25s.tokenize(
+        docs, stopwords="en", show_progress=False, return_ids=False)]
+    ref = bm25s.BM25()
+    ref.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
+    ours = BM25Retriever(docs)
+    for key in ("data", "indices", "indptr"):
+        assert np.array_equal(ref.scores[key], ours.index.scores[key]) and \
+            ref.scores[key].dtype == ours.index.scores[key].dtype, key
+    assert ref.vocab_dict == ours.index.vocab_dict
+    ref_idx, ref_scores = ref.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False), k=3,
+                                       show_progress=False)
+    idx, scores = ours.search(queries, 3)
+    assert np.array_equal(idx, ref_idx) and np.array_equal(scores, ref_scores)

@@ -2,6 +2,7 @@
 
 Every row times our code and its baseline side by side in this one run (warm-ups, interleaved repeats, median),
 with `torch.set_num_threads(2)` and a fixed seed. Rows of stages not built yet are listed as not measured.
+`CAPACITY` is the step2 `recall/capacity` curve (capacity.json), a measurement without a goal.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("G1", "G2", "G3", "G8")
+GROUPS = ("G1", "G2", "G3", "G4", "G5", "G6", "G8", "E1", "G7", "CAPACITY")
+# E1: issue 5 (eval), in bench/eval_rows.py; G7: bench/g7_adrpo.py; G4-G6 and CAPACITY: bench/train_cases.py
 log = logging.getLogger("lightmem_exp.bench")
 
 
@@ -27,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (default 9; 3 with --quick)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step1-dir", default=str(Path("outputs") / "default" / "step1"),
+                   help="a step1 stage dir whose bank (and adapter) the capacity curve uses when complete "
+                        "(default outputs/default/step1); otherwise base-model vectors")
     args = p.parse_args(argv)
     args.only = [g.strip().upper() for g in args.only.split(",") if g.strip()]
     unknown = sorted(set(args.only) - set(GROUPS))
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dic
     s = cases.Settings.quick() if args.quick else cases.Settings()
     s.seed = args.seed
     if args.repeats is not None:
-        s.repeats = args.repeats
+        s.repeats = s.train_repeats = args.repeats
     start, load_start = time.perf_counter(), os.getloadavg()
 
     cfg = cases.tiny_config()
@@ -95,9 +100,32 @@ def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dic
     if "G3" in args.only:
         log.info("G3: Memory Head top-k")
         rows += cases.topk_rows(s, int(cfg.model.tiny.hidden_size), EXPLANATIONS)
+    if "E1" in args.only:
+        from lightmem_exp.bench.eval_rows import eval_token_rows
+
+        log.info("E1: eval prompt tokens, recall vs rag_dense")
+        rows += eval_token_rows(locomo, repeats=s.repeats, seed=s.seed, quick=args.quick)
+    if "G7" in args.only:
+        from lightmem_exp.bench.g7_adrpo import EXPLANATIONS as G7_EXPLAIN
+        from lightmem_exp.bench.g7_adrpo import g7_rows
+
+        log.info("G7: adrpo rollouts and reward share")
+        rows += g7_rows(locomo, quick=args.quick, repeats=args.repeats, seed=s.seed, explain=G7_EXPLAIN)
+    if {"G4", "G5", "G6"} & set(args.only):
+        from lightmem_exp.bench.train_cases import train_rows
+
+        rows += train_rows(s, EXPLANATIONS, [g for g in ("G4", "G5", "G6") if g in args.only], args.threads)
     if "G8" in args.only:
         log.info("G8: BM25")
         rows += cases.bm25_rows(s, locomo, EXPLANATIONS)
+    curves = []
+    if "CAPACITY" in args.only:
+        from lightmem_exp.bench.train_cases import capacity_curve, step2_config
+
+        log.info("recall/capacity: step2 at a fixed budget of %d steps, N = %s", s.capacity_steps,
+                 ", ".join(str(n or "all") for n in s.capacity_sizes))
+        curves.append(capacity_curve(s, step2_config(), Path(args.step1_dir), args.threads))
+        torch.set_num_threads(args.threads)
 
     wall = time.perf_counter() - start
     info = {"quick": args.quick, "only": args.only, "repeats": s.repeats, "warmup": s.warmup, "seed": s.seed,
@@ -115,8 +143,10 @@ def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dic
                    f"{info['load_avg_end'][0]} at end (other jobs share it: see the IQRs)",
         "wall time": f"{wall:.0f} s",
     }
-    table = render_markdown(rows, header=header)
+    table = render_markdown(rows, header=header, curves=curves)
     write_json(args.out / "results.json", rows)
+    if curves:
+        write_json(args.out / "capacity.json", curves[0])
     write_json(args.out / "run.json", info)
     write_text(args.out / "results.md", table)
     print(table)

@@ -39,12 +39,19 @@ class Settings:
     bm25_queries: int = 100
     bm25_k: int = 10
     bm25_min_agreement: float = 0.9
+    train_batches: int = 2          # G4-G6: step2 batches (of stage.batch_size) per timed pass
+    train_repeats: int = 7          # G4-G6: timed repeats per side (each is whole training steps)
+    rss: bool = True                # G4: peak RSS of each side in a fresh process
+    capacity_sizes: tuple[int, ...] = (64, 256, 1024, 0)   # 0: every train-split memory
+    capacity_steps: int = 100       # the fixed optimizer-step budget of every capacity point
+    capacity_add_pool_max: bool = True   # also measure the largest N the SFT pool can feed
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(repeats=3, warmup=1, min_sample_s=0.002, prompt_tokens=8, new_tokens=20, recall_every=8,
                    bank_size=256, topk_sizes=[(500, None), (1_000, None), (2_000, None)], topk_check_queries=4,
-                   bm25_docs=300, bm25_queries=10)
+                   bm25_docs=300, bm25_queries=10, train_batches=1, train_repeats=3, rss=False,
+                   capacity_sizes=(4, 8), capacity_steps=2, capacity_add_pool_max=False)
 
 
 # ---- the tiny default model --------------------------------------------------------------------------------

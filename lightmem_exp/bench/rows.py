@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from lightmem_exp.bench.timing import Stats
 
 # Rows whose stages are not built yet: listed in results.md without numbers, never written to results.json.
-NOT_BUILT = ("G4", "G5", "G6", "G7")
+NOT_BUILT: tuple[str, ...] = ()
 NOT_BUILT_NOTE = "not measured: stage not built"
 
 _BOUND = re.compile(r"^\s*(<=|>=)\s*([0-9]*\.?[0-9]+)\s*$")
@@ -103,6 +103,8 @@ def fmt_time(seconds: float) -> str:
 
 def _fmt_side(s: dict) -> str:
     lo, hi = s["iqr_s"]
+    if not s["unit"].startswith("s/"):  # a count (e.g. E1's tokens/question), not a time
+        return f"{s['median_s']:.4g} {s['unit']} [IQR {lo:.4g}–{hi:.4g}]"
     unit = s["unit"].split("/", 1)[1] if "/" in s["unit"] else ""
     per = f"/{unit}" if unit else ""
     return f"{fmt_time(s['median_s'])}{per} [IQR {fmt_time(lo)}–{fmt_time(hi)}]"
@@ -119,8 +121,30 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rows: Sequence[dict], *, header: dict | None = None) -> str:
-    """results.md: the table of measured rows, the rows not built, then the explanations of failing rows."""
+def render_curve(curve: dict) -> list[str]:
+    """Markdown lines for the `recall/capacity` curve (no goal: a measurement)."""
+    b, pool = curve["budget"], curve.get("sft_pool", {})
+    lines = ["", f"## {curve['name']}", "",
+             f"Step2 memorisation at a fixed budget of {b['optimizer_steps']} optimizer steps of {b['batch_size']} "
+             f"samples for every N (all train-split memories: {curve['all_train_split_memories']}); memory vectors: "
+             f"{curve['vectors']}. Exact match is verbatim recalled text vs memory text (`recall_eval`)."]
+    if pool:
+        lines[-1] += (f" The SFT pool has {pool['within_sft_max_tokens']} of {pool['conversations']} conversations "
+                      f"within sft_max_tokens, enough for N <= {pool['largest_N']} per epoch.")
+    lines += ["", "| N | exact match | token F1 | steps | samples | non-pad tokens | epochs of the N's data |",
+              "|---|---|---|---|---|---|---|"]
+    for p in curve["points"]:
+        if not p.get("measured", True):
+            lines.append(f"| {p['N']} | not measured: {_cell(p['reason'])} | – | – | – | – | – |")
+            continue
+        tag = " (largest the pool allows)" if p.get("pool_max") else ""
+        lines.append(f"| {p['N']}{tag} | {p['exact_match']:.3f} | {p['token_f1']:.3f} | {p['steps']} | "
+                     f"{p['samples_trained']} | {p['tokens_trained']} | {p['epochs']:.2f} |")
+    return lines
+
+
+def render_markdown(rows: Sequence[dict], *, header: dict | None = None, curves: Sequence[dict] = ()) -> str:
+    """results.md: the table of measured rows, the rows not built, curves, then the explanations of failing rows."""
     lines = ["# lightmem_exp bench", ""]
     for key, value in (header or {}).items():
         lines.append(f"- {key}: {value}")
@@ -138,6 +162,8 @@ def render_markdown(rows: Sequence[dict], *, header: dict | None = None) -> str:
         )) + " |")
     for name in NOT_BUILT:
         lines.append(f"| {name} | {NOT_BUILT_NOTE} | – | – | – | – | – | – |")
+    for curve in curves:
+        lines += render_curve(curve)
     failing = [r for r in rows if not r["pass"]]
     if failing:
         lines += ["", "## What would close the failing goals", ""]

@@ -209,8 +209,12 @@ class MixedMemoryModule(TrainableOnlyCheckpoint):
         embeds = memory_inputs_embeds(self.model, batch["input_ids"], vectors, self.memory_pad_id)
         return self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
 
+    def sample_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NLL and label mask, one row per sample (the packed subclass unpacks its rows here)."""
+        return lm_losses(self(batch), batch["labels"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        nll, mask = lm_losses(self(batch), batch["labels"])
+        nll, mask = self.sample_losses(batch)
         loss = reduce_loss(nll, mask, self.loss_reduction)
         n = len(batch["kinds"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)

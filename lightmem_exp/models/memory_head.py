@@ -10,6 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# CPU inference scoring paths, chosen by size (measured on the 2-core dev machine, OMP_WAIT_POLICY=PASSIVE, torch 2
+# threads, one query, calls spaced by other torch work as in decoding):
+#   queries x N x H <= SMALL_PRODUCT: numpy. OpenBLAS runs such small products on one thread (no thread wake-up):
+#     1k x 128 took ~6-16 us against ~13-37 us for torch's matmul, whose fixed cost dominates there.
+#   N x H >= NUMPY_BLAS_MIN_ELEMENTS: numpy with every BLAS thread, which pays once a product is long enough to
+#     amortise waking them (1.6-2x over one thread for 100k x 1024..4096 on an idle machine).
+#   in between: torch's matmul. Numpy's 2 BLAS threads cost a wake-up per call there (10k x 128: 1-1.8 ms, up to
+#     7-12 ms while other jobs ran, about as long as 100k) against 0.25-0.5 ms for torch, linear in N.
+SMALL_PRODUCT = 1 << 18
+NUMPY_BLAS_MIN_ELEMENTS = 1 << 25
+
 
 class MemoryHead(nn.Module):
     """Cosine-similarity head over a fixed bank of unit vectors `[N, H]` (kept float32 and contiguous)."""
@@ -34,12 +45,13 @@ class MemoryHead(nn.Module):
         """`hidden [..., H]` (any dtype) -> cosine logits `[..., N]` float32."""
         query = F.normalize(hidden.to(self.vectors.dtype), dim=-1)
         flat = query.reshape(-1, query.shape[-1])
-        if flat.device.type == "cpu" and not flat.requires_grad:
-            # torch's fp32 matrix-vector product runs on one thread on CPU; numpy's BLAS over the same buffers
-            # (shared, no copy) uses every core: 1.6-2x faster for single queries over 100k x 1024..4096 banks.
-            scores = torch.from_numpy(flat.numpy() @ self.vectors.numpy().T)
+        cpu_inference = flat.device.type == "cpu" and not flat.requires_grad
+        bank_elements = self.vectors.numel()
+        if cpu_inference and (flat.shape[0] * bank_elements <= SMALL_PRODUCT
+                              or bank_elements >= NUMPY_BLAS_MIN_ELEMENTS):
+            scores = torch.from_numpy(flat.numpy() @ self.vectors.numpy().T)  # shared buffers, no copy
         else:
-            scores = (self.vectors @ flat.T).T  # streams the bank rows in storage order; a transposed view
+            scores = flat @ self.vectors.T
         return scores.reshape(*query.shape[:-1], self.num_memories)
 
     @torch.no_grad()

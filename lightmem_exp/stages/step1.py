@@ -143,6 +143,7 @@ def run(cfg: DictConfig) -> StageResult:
                         generator=torch.Generator().manual_seed(cfg.seed))
     trainer = make_trainer(cfg, sdir, max_epochs=st.max_epochs, logger=logger,
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
+    module.train()  # from_pretrained returns eval mode and Lightning keeps it: gradient checkpointing would be off
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path(cfg, sdir))
     if st.refresh_keys:  # the keys moved with the model: the exported bank is re-encoded by the trained model
         bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)

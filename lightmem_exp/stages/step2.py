@@ -171,6 +171,7 @@ def run(cfg: DictConfig) -> StageResult:
     logger = make_logger(cfg, sdir)
     trainer = make_trainer(cfg, sdir, max_epochs=st.max_epochs, logger=logger, callbacks=[recall_cb],
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
+    module.train()  # from_pretrained returns eval mode and Lightning keeps it: gradient checkpointing would be off
     trainer.fit(module, ckpt_path=resume_path(cfg, sdir))
 
     if not trainer.is_global_zero:

@@ -97,6 +97,18 @@ def test_markdown_lists_unbuilt_rows_without_numbers_and_explains_failures():
     assert "**GY**" in md and "why" in md and "**GX**" not in md
 
 
+def test_markdown_renders_the_capacity_curve():
+    curve = {"name": "recall/capacity", "vectors": "base-model last-token states", "all_train_split_memories": 9,
+             "budget": {"optimizer_steps": 5, "batch_size": 2},
+             "sft_pool": {"conversations": 10, "within_sft_max_tokens": 6, "largest_N": 4},
+             "points": [{"N": 4, "measured": True, "exact_match": 0.25, "token_f1": 0.5, "steps": 5,
+                         "samples_trained": 10, "tokens_trained": 321, "epochs": 1.67, "pool_max": True},
+                        {"N": 9, "measured": False, "reason": "pool | too small"}]}
+    md = render_markdown([], curves=[curve])
+    assert "## recall/capacity" in md and "| 4 (largest the pool allows) | 0.250 | 0.500 | 5 | 10 | 321 | 1.67 |" in md
+    assert "| 9 | not measured: pool \\| too small |" in md and "enough for N <= 4" in md
+
+
 # ---- timing harness (counts calls, never times) ---------------------------------------------------------------
 
 def test_measure_pair_warms_up_interleaves_and_counts(monkeypatch):
@@ -201,5 +213,12 @@ def test_quick_run_writes_rows_and_table(tmp_path, data_root):
     assert all(r["check"]["ok"] for r in saved if r["name"].startswith("G3 N="))
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {n} |" in md for n in [*names, *NOT_BUILT])
+    g6 = next(r for r in saved if r["name"] == "G6")
+    assert g6["check"]["ok"] and g6["check"]["max_abs_diff"] <= 1e-5   # packed losses == padded losses
+    assert {"G4", "G5", "G6"} <= set(names)
+    curve = json.loads((tmp_path / "capacity.json").read_text())
+    assert [p["N"] for p in curve["points"]] == [4, 8] and all(p["measured"] for p in curve["points"])
+    assert len({p["steps"] for p in curve["points"]}) == 1                 # the same budget for every N
+    assert "## recall/capacity" in md
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["quick"] is True and run["torch_threads"] == 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from lightmem_exp.models import memory_head
 from lightmem_exp.models.memory_bank import MemoryBank
 from lightmem_exp.models.memory_head import MemoryHead
 
@@ -51,8 +53,28 @@ def test_head_shares_bank_storage_and_is_not_saved():
 def test_gradient_reaches_the_query():
     head = MemoryHead(unit(10, 8))
     hidden = torch.randn(2, 8, requires_grad=True)
-    logits = head(hidden)  # the torch path; inference (no grad) may take the numpy-BLAS path on CPU
+    logits = head(hidden)  # the torch path; inference (no grad) of a large bank takes the numpy-BLAS path on CPU
     assert torch.allclose(logits, head(hidden.detach()), atol=1e-6)
     logits.max(dim=-1).values.sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
     assert head.vectors.grad is None
+
+
+@pytest.mark.parametrize(("small", "large"), [(0, 1 << 62), (1 << 62, 1 << 62), (0, 0)],
+                         ids=["torch", "numpy_small", "numpy_all_threads"])
+def test_every_cpu_scoring_path_gives_exact_topk(monkeypatch, small, large):
+    """Single and batched no-grad queries take a size-dependent CPU path; each must rank exactly like float64
+    brute force (a regression in correctness, not in time)."""
+    monkeypatch.setattr(memory_head, "SMALL_PRODUCT", small)
+    monkeypatch.setattr(memory_head, "NUMPY_BLAS_MIN_ELEMENTS", large)
+    vectors = unit(3000, 48, seed=1)
+    head = MemoryHead(vectors)
+    g = torch.Generator().manual_seed(2)
+    for hidden in (torch.randn(48, generator=g), torch.randn(1, 48, generator=g), torch.randn(4, 1, 48, generator=g)):
+        scores, idx = head.topk(hidden, 10)
+        ref = F.normalize(hidden.double(), dim=-1) @ vectors.double().T
+        ref_scores, ref_idx = ref.sort(dim=-1, descending=True)
+        assert idx.shape == hidden.shape[:-1] + (10,) and scores.dtype == torch.float32
+        assert torch.equal(idx, ref_idx[..., :10])
+        assert torch.allclose(scores.double(), ref_scores[..., :10], atol=1e-6)
+        assert torch.allclose(head(hidden).double(), ref, atol=1e-6)

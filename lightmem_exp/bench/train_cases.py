@@ -1,0 +1,548 @@
+"""The step2 training rows: G4 (step2 step vs plain causal-LM SFT on the same tokens, and peak RSS), G5 (mixed vs
+pure batches), G6 (packed vs padded batches), and the `recall/capacity` curve.
+
+Everything is the real step2 code path on the tiny default model: the composed config (`stage=step2`, the
+stage's current defaults), the data stage's artifacts built from the bundled data by the same readers
+(`build_dataset`), `select_written_memories`, `MixedMemorySFTDataset`, `MixedMemoryModule.training_step`, the
+step2 LoRA (`lora_config`) with its trainable token rows, `recall_eval`. A training step here is forward,
+backward and an AdamW step, called directly on both sides (Lightning's loop is left out on both).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightmem_exp.bench.rows import make_row, ratio_of, side
+from lightmem_exp.bench.timing import measure_pair
+from lightmem_exp.config import CONF_DIR
+
+log = logging.getLogger(__name__)
+KINDS = ("memory_front", "memory_full", "sft_only")
+
+
+# ---- setup ---------------------------------------------------------------------------------------------------
+
+
+def step2_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The real config tree composed as the CLI would for `stage=step2` (no Hydra run dir, nothing written)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=["stage=step2", "logger=none", *overrides])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@dataclass
+class Step2Data:
+    """What the data stage would hand step2: train-split memories, the written subset, the SFT pool."""
+
+    cfg: DictConfig
+    tokenizer: Any
+    train_memories: list[dict]   # every train-split memory {id, text}, in file order
+    written: list[dict]          # step1's selection (data.max_memories of them)
+    pool: list[dict]
+
+    @classmethod
+    def build(cls, cfg: DictConfig) -> Step2Data:
+        from lightmem_exp.data import build_dataset
+        from lightmem_exp.models.chat import chat_token_ids
+        from lightmem_exp.models.loading import load_tokenizer
+        from lightmem_exp.stages.step1 import select_written_memories
+
+        tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
+        built = build_dataset(cfg.data.name, Path(cfg.data.path), Path(cfg.data.sft_dir),
+                              lambda messages: len(chat_token_ids(tokenizer, messages)), seed=cfg.seed,
+                              split_fractions=tuple(cfg.data.split_fractions), max_sft=cfg.data.max_sft,
+                              context_window=cfg.data.context_window, progress=False)
+        arts, train = built.artifacts, set(built.splits["train"])
+        written = select_written_memories(arts["memories"], arts["recall_pairs"], train, cfg.data.max_memories,
+                                          cfg.seed)
+        return cls(cfg, tokenizer, [{"id": m["id"], "text": m["text"]} for m in arts["memories"]
+                                    if m["conv_id"] in train],
+                   [{"id": m["id"], "text": m["text"]} for m in written], arts["sft_pool"])
+
+    def dataset(self, memories: list[dict]):
+        from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset
+
+        st, ids = self.cfg.stage, self.token_ids()
+        return MixedMemorySFTDataset(self.tokenizer, self.pool, memories, recall_id=ids.recall,
+                                     memory_pad_id=ids.memory_pad, end_marker=st.end_marker,
+                                     sft_ratio=st.sft_ratio, sft_max_tokens=st.sft_max_tokens, seed=self.cfg.seed,
+                                     full_think_only=st.full_think_only, context_max_tokens=st.context_max_tokens)
+
+    def token_ids(self):
+        from lightmem_exp.models.loading import require_memory_tokens
+
+        return require_memory_tokens(self.tokenizer, "the tiny tokenizer")
+
+    def base_model(self):
+        from lightmem_exp.models.loading import ensure_memory_tokens, load_model
+
+        model = load_model(self.cfg.model, self.cfg.paths.data)
+        ensure_memory_tokens(model, self.tokenizer)
+        return model
+
+    def token_rows(self, memories: list[dict]) -> list[int]:
+        """The trainable embedding rows the stage would use (memory tokens + the memories' vocabulary)."""
+        from lightmem_exp.lit.step2 import memory_vocab_ids
+
+        ids, st = self.token_ids(), self.cfg.stage
+        rows = [ids.recall, ids.memory_pad]
+        if st.train_memory_vocab:
+            marker = self.tokenizer(st.end_marker, add_special_tokens=False)["input_ids"]
+            rows += [t for t in memory_vocab_ids(self.tokenizer, [m["text"] for m in memories], marker)
+                     if t not in rows]
+        return rows
+
+    def lora_model(self, memories: list[dict]):
+        """Base + the step2 LoRA and trainable rows (fresh LoRA: throughput does not depend on its values)."""
+        from lightmem_exp.models.loading import attach_lora
+        from lightmem_exp.stages.step2 import lora_config
+
+        return attach_lora(self.base_model(), lora_config(self.cfg), token_ids=self.token_rows(memories))
+
+    def module(self, model, dataset, vectors: torch.Tensor, cls=None):
+        from lightmem_exp.lit.step2 import MixedMemoryModule
+
+        st = self.cfg.stage
+        return (cls or MixedMemoryModule)(
+            model, dataset, vectors, pad_id=self.tokenizer.pad_token_id, memory_pad_id=self.token_ids().memory_pad,
+            batch_size=st.batch_size, lr=st.lr, weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio,
+            loss_reduction=st.loss_reduction)
+
+
+def random_vectors(n: int, hidden: int, embed_scale: float, seed: int) -> torch.Tensor:
+    """Injection vectors (unit x embed_scale) for throughput rows: their values do not change the work."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, hidden, generator=g), dim=-1) * embed_scale
+
+
+def _optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    from lightmem_exp.lit.trainer import decay_groups
+
+    return torch.optim.AdamW(decay_groups(module, weight_decay), lr=lr)
+
+
+def ours_steps(module, batches: list[dict], opt: torch.optim.Optimizer):
+    """One call = one step2 training step (MixedMemoryModule.training_step, backward, AdamW) per batch."""
+    def run() -> None:
+        for i, b in enumerate(batches):
+            module.training_step(b, i).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return run
+
+
+def plain_steps(model, batches: list[dict], opt: torch.optim.Optimizer):
+    """The baseline: plain causal-LM SFT on the same token batches (HF loss from `labels`), backward, AdamW."""
+    def run() -> None:
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                  use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return run
+
+
+def _tokens(batches: list[dict]) -> int:
+    """Non-pad tokens (padded batches: the attention mask; packed batches: the sample lengths)."""
+    return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["lengths"].sum()) for b in batches)
+
+
+def _lengths(samples: list[dict]) -> dict:
+    n = sorted(len(s["input_ids"]) for s in samples)
+    return {"min": n[0], "median": n[len(n) // 2], "max": n[-1], "samples": len(n)}
+
+
+@dataclass
+class Setup:
+    data: Step2Data
+    dataset: Any
+    vectors: torch.Tensor
+    items: list[dict]           # epoch 0's samples in dataset order (collator input)
+
+
+def setup(cfg: DictConfig) -> Setup:
+    from lightmem_exp.models.memory_bank import measure_embed_scale, model_hidden_size
+
+    torch.manual_seed(int(cfg.seed))
+    data = Step2Data.build(cfg)
+    dataset = data.dataset(data.written)
+    dataset.refresh_epoch_data(0)
+    probe = data.base_model()
+    vectors = random_vectors(len(data.written), model_hidden_size(probe), measure_embed_scale(probe), cfg.seed)
+    return Setup(data, dataset, vectors, [dataset[i] for i in range(len(dataset))])
+
+
+# ---- G4 -----------------------------------------------------------------------------------------------------
+
+
+def g4_batches(su: Setup, n_batches: int) -> list[dict]:
+    from lightmem_exp.data.mixed_memory import MixedMemoryCollator
+
+    bs = int(su.data.cfg.stage.batch_size)
+    collate = MixedMemoryCollator(su.data.tokenizer.pad_token_id, su.data.token_ids().memory_pad)
+    return [collate(su.items[i * bs:(i + 1) * bs]) for i in range(min(n_batches, len(su.items) // bs))]
+
+
+def g4_sides(su: Setup, batches: list[dict]):
+    """(ours, plain) step functions on separate copies of the same LoRA model, each with its own AdamW."""
+    st = su.data.cfg.stage
+    model = su.data.lora_model(su.data.written)
+    plain_model = copy.deepcopy(model)
+    module = su.data.module(model, su.dataset, su.vectors).train()
+    plain_model.train()
+    return (ours_steps(module, batches, _optimizer(module, st.lr, st.weight_decay)),
+            plain_steps(plain_model, batches, _optimizer(plain_model, st.lr, st.weight_decay)))
+
+
+def _vm(field: str) -> int:
+    """A /proc/self/status memory field in bytes (VmRSS, VmHWM); 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss_probe(which: str, n_batches: int, passes: int) -> dict:
+    """In a fresh process: set up step2 as G4 does, then run `passes` x the G4 batches on ONE side only.
+
+    Peak RSS is VmHWM, reset to the current RSS right before training (/proc/self/clear_refs "5") where the
+    kernel allows it, so `train_increase` is what training added on top of the loaded model and data."""
+    cfg = step2_config()
+    su = setup(cfg)
+    batches = g4_batches(su, n_batches)
+    ours, plain = g4_sides(su, batches)
+    run = ours if which == "ours" else plain
+    import gc
+
+    gc.collect()
+    before = _vm("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    for _ in range(passes):
+        run()
+    peak = _vm("VmHWM")
+    return {"side": which, "rss_before_train": before, "peak_rss": peak, "train_increase": peak - before,
+            "peak_reset_before_train": reset, "batches": len(batches), "passes": passes}
+
+
+def _rss_in_subprocess(which: str, n_batches: int, passes: int, threads: int) -> dict:
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    code = (f"import json, torch; torch.set_num_threads({threads}); "
+            "from lightmem_exp.bench.train_cases import rss_probe; "
+            f"print('RSS_PROBE ' + json.dumps(rss_probe({which!r}, {n_batches}, {passes})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RSS_PROBE ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"peak-RSS probe ({which}) failed: {out.stderr[-2000:]}")
+    return json.loads(line[len("RSS_PROBE "):])
+
+
+def g4_row(s, su: Setup, explain: dict, threads: int) -> dict:
+    batches = g4_batches(su, s.train_batches)
+    ours, plain = g4_sides(su, batches)
+    tokens = _tokens(batches)
+    a, b = measure_pair(ours, plain, repeats=s.train_repeats, warmup=1)
+    a_t, b_t = a.scaled(tokens), b.scaled(tokens)
+    check = {"check": "peak RSS <= 1.15x plain SFT's (fresh process per side)", "ok": True}
+    if s.rss:
+        r_ours = _rss_in_subprocess("ours", s.train_batches, 2, threads)
+        r_plain = _rss_in_subprocess("plain", s.train_batches, 2, threads)
+        ratio_rss = r_ours["peak_rss"] / max(r_plain["peak_rss"], 1)
+        check.update(ok=ratio_rss <= 1.15, peak_rss_ratio=ratio_rss, ours=r_ours, plain=r_plain,
+                     train_increase_ratio=r_ours["train_increase"] / max(r_plain["train_increase"], 1),
+                     summary=f"peak RSS {r_ours['peak_rss'] / 2**20:.0f} vs {r_plain['peak_rss'] / 2**20:.0f} MiB "
+                             f"= {ratio_rss:.3f}x; added by training {r_ours['train_increase'] / 2**20:.0f} vs "
+                             f"{r_plain['train_increase'] / 2**20:.0f} MiB")
+    else:
+        check.update(summary="peak RSS not measured (--quick)", not_measured=True)
+    st = su.data.cfg.stage
+    return make_row(
+        "G4", f"step2 training tokens/s (MixedMemoryModule.training_step + backward + AdamW, {len(batches)} batches "
+              f"of {st.batch_size}) vs plain causal-LM SFT on the same tokens", ">= 0.85",
+        ours=side("step2 step", a_t, "s/token"), baseline=side("plain SFT step", b_t, "s/token"),
+        ratio=ratio_of(b_t, a_t), ratio_def="ours tokens/s / baseline tokens/s", check=check,
+        params={"tokens_per_pass": tokens, "batches": len(batches), "batch_size": int(st.batch_size),
+                "loss_reduction": str(st.loss_reduction), "lora": OmegaConf.to_container(_lora(su)),
+                "trainable_token_rows": len(su.data.token_rows(su.data.written)),
+                "lengths": _lengths(su.items[:len(batches) * int(st.batch_size)])},
+        explanation=explain.get("G4"))
+
+
+def _lora(su: Setup) -> DictConfig:
+    from lightmem_exp.stages.step2 import lora_config
+
+    return lora_config(su.data.cfg)
+
+
+# ---- G5 -----------------------------------------------------------------------------------------------------
+
+
+def g5_row(s, su: Setup, explain: dict) -> dict:
+    """Mixed batches (half memory samples, half sft_only) vs the same samples in pure batches."""
+    from lightmem_exp.data.mixed_memory import MixedMemoryCollator
+
+    bs = int(su.data.cfg.stage.batch_size)
+    half = bs // 2
+    mem = [x for x in su.items if x["kind"] != "sft_only"]
+    sft = [x for x in su.items if x["kind"] == "sft_only"]
+    n_batches = min(s.train_batches, len(mem) // half, len(sft) // half)
+    mem, sft = mem[:n_batches * half], sft[:n_batches * half]
+    collate = MixedMemoryCollator(su.data.tokenizer.pad_token_id, su.data.token_ids().memory_pad)
+    mixed = [collate(mem[i * half:(i + 1) * half] + sft[i * half:(i + 1) * half]) for i in range(n_batches)]
+    pure_mem = [collate(mem[i:i + bs]) for i in range(0, len(mem), bs)]
+    pure_sft = [collate(sft[i:i + bs]) for i in range(0, len(sft), bs)]
+    st = su.data.cfg.stage
+    model = su.data.lora_model(su.data.written)
+    module = su.data.module(model, su.dataset, su.vectors).train()
+    opt = _optimizer(module, st.lr, st.weight_decay)
+    run_mixed, run_mem, run_sft = (ours_steps(module, b, opt) for b in (mixed, pure_mem, pure_sft))
+
+    def run_pure() -> None:
+        run_mem()
+        run_sft()
+
+    a, b = measure_pair(run_mixed, run_pure, repeats=s.train_repeats, warmup=1)
+    tokens = _tokens(mixed)
+    assert tokens == _tokens(pure_mem) + _tokens(pure_sft)  # the same samples on both sides
+    # The pure runs alone, for the record (each side's rate; their token-weighted harmonic mean is the baseline).
+    pm, ps = measure_pair(run_mem, run_sft, repeats=3, warmup=0)
+    a_t, b_t = a.scaled(tokens), b.scaled(tokens)
+    return make_row(
+        "G5", f"step2 tokens/s on {len(mixed)} batches of {half} memory + {half} sft_only samples vs the same samples "
+              "in pure batches (token-weighted harmonic mean of the pure runs' tokens/s)", ">= 0.9",
+        ours=side("mixed batches", a_t, "s/token"), baseline=side("pure batches", b_t, "s/token"),
+        ratio=ratio_of(b_t, a_t), ratio_def="mixed tokens/s / harmonic mean of pure tokens/s",
+        params={"tokens": tokens, "batch_size": bs, "pure_memory_tokens_per_s": _tokens(pure_mem) / pm.median,
+                "pure_sft_tokens_per_s": _tokens(pure_sft) / ps.median,
+                "padding_share": {"mixed": _pad_share(mixed), "pure": _pad_share(pure_mem + pure_sft)},
+                "lengths": {"memory": _lengths(mem), "sft_only": _lengths(sft)}},
+        explanation=explain.get("G5"))
+
+
+def _pad_share(batches: list[dict]) -> float:
+    total = sum(b["attention_mask"].numel() for b in batches)
+    return 1.0 - sum(int(b["attention_mask"].sum()) for b in batches) / max(total, 1)
+
+
+# ---- G6 -----------------------------------------------------------------------------------------------------
+
+# G6 is defined on a wide length mix: step2's samples with the conversation length limit of the stage's first
+# defaults (256 tokens) and uncut memory_front contexts, whatever the stage's current (tuned) defaults are.
+G6_OVERRIDES = ("stage.sft_max_tokens=256", "stage.context_max_tokens=null")
+
+
+
+def per_sample_losses(module, batch: dict, packed: bool) -> torch.Tensor:
+    from lightmem_exp.lit.step2 import lm_losses
+
+    with torch.no_grad():
+        nll, mask = module.sample_losses(batch) if packed else lm_losses(module(batch), batch["labels"])
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def g6_row(s, su: Setup, explain: dict) -> dict:
+    from lightmem_exp.data.mixed_memory import MixedMemoryCollator
+    from lightmem_exp.data.packing import PackedMixedMemoryCollator
+    from lightmem_exp.lit.step2_packed import PackedMixedMemoryModule
+
+    st = su.data.cfg.stage
+    bs = int(st.batch_size)
+    groups = [su.items[i * bs:(i + 1) * bs] for i in range(min(s.train_batches, len(su.items) // bs))]
+    ids = su.data.token_ids()
+    pad = MixedMemoryCollator(su.data.tokenizer.pad_token_id, ids.memory_pad)
+    pack = PackedMixedMemoryCollator(su.data.tokenizer.pad_token_id, ids.memory_pad)
+    padded, packed = [pad(g) for g in groups], [pack(g) for g in groups]
+    model = su.data.lora_model(su.data.written)
+    twin = copy.deepcopy(model)
+    m_pad = su.data.module(model, su.dataset, su.vectors).train()
+    m_pack = su.data.module(twin, su.dataset, su.vectors, cls=PackedMixedMemoryModule).train()
+    # Correctness first, on identical weights: every sample's mean loss, packed vs padded.
+    diffs = [float((per_sample_losses(m_pad, p, False) - per_sample_losses(m_pack, q, True)).abs().max())
+             for p, q in zip(padded, packed, strict=True)]
+    worst = max(diffs)
+    check = {"check": "per-sample loss packed == padded within 1e-5", "ok": worst <= 1e-5, "max_abs_diff": worst,
+             "summary": f"per-sample loss max |diff| {worst:.1e} over {sum(len(g) for g in groups)} samples"}
+    a, b = measure_pair(ours_steps(m_pack, packed, _optimizer(m_pack, st.lr, st.weight_decay)),
+                        ours_steps(m_pad, padded, _optimizer(m_pad, st.lr, st.weight_decay)),
+                        repeats=s.train_repeats, warmup=1)
+    tokens = _tokens(padded)
+    a_t, b_t = a.scaled(tokens), b.scaled(tokens)
+    rows_padded = sum(p["input_ids"].shape[0] for p in padded)
+    rows_packed = sum(p["input_ids"].shape[0] for p in packed)
+    cells = {"padded": sum(p["input_ids"].numel() for p in padded),
+             "packed": sum(p["input_ids"].numel() for p in packed)}
+    return make_row(
+        "G6", f"step2 non-pad tokens/s, the same {len(groups)} batches of {bs} packed into rows (block-diagonal "
+              "causal attention via per-sample position ids) vs padded, on a wide length mix "
+              f"({' '.join(G6_OVERRIDES)})", ">= 1.3",
+        ours=side("packed", a_t, "s/token"), baseline=side("padded", b_t, "s/token"),
+        ratio=ratio_of(b_t, a_t), ratio_def="packed tokens/s / padded tokens/s", check=check,
+        params={"non_pad_tokens": tokens, "rows": {"padded": rows_padded, "packed": rows_packed},
+                "token_cells": cells, "padding_share_padded": 1 - tokens / cells["padded"],
+                "lengths": _lengths([x for g in groups for x in g]), "overrides": list(G6_OVERRIDES),
+                "attn_implementation": str(getattr(model.config, "_attn_implementation", None))},
+        explanation=explain.get("G6"))
+
+
+# ---- recall/capacity ------------------------------------------------------------------------------------------
+
+
+class TokenCounter(L.Callback):
+    """Counts the samples and non-pad tokens of the batches a Trainer actually trains on."""
+
+    def __init__(self) -> None:
+        self.tokens = self.samples = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
+                             batch_idx: int) -> None:
+        self.tokens += int(batch["attention_mask"].sum())
+        self.samples += len(batch["kinds"])
+
+
+def capacity_vectors(data: Step2Data, memories: list[dict], step1_dir: Path):
+    """(injection vectors [N, H] for `memories`, source note, model factory). A step1 bank (and its adapter, as the
+    stage starts from it) when `step1_dir` holds a complete step1 run with every memory; else the base model's
+    last-token states (`MemoryBank.build`) and a fresh LoRA."""
+    from lightmem_exp.models.memory_bank import MemoryBank
+
+    note = None
+    if (step1_dir / "manifest.json").exists() and (step1_dir / "bank").is_dir():
+        try:
+            bank = MemoryBank.load(step1_dir / "bank")
+            row = {mid: i for i, mid in enumerate(bank.ids)}
+            missing = [m["id"] for m in memories if m["id"] not in row]
+            if missing:
+                raise ValueError(f"{len(missing)} memories are not in it")
+            vectors = bank.injection_vectors([row[m["id"]] for m in memories])
+
+            def model_factory(mems: list[dict]):
+                from lightmem_exp.lit.step2 import start_from_step1
+                from lightmem_exp.stages.step2 import lora_config
+
+                return start_from_step1(data.base_model(), step1_dir / "adapter", data.cfg.model,
+                                        lora_config(data.cfg), data.token_rows(mems))
+            model_factory(memories[:1])  # fails here, not mid-curve, when the adapter does not fit the config
+            return vectors, f"step1 bank + adapter ({step1_dir})", model_factory
+        except Exception as e:  # noqa: BLE001 - any unusable step1 output falls back to base-model vectors
+            note = f"{step1_dir} not usable ({type(e).__name__}: {str(e)[:160]}); "
+    base = data.base_model()
+    bank = MemoryBank.build(base, data.tokenizer, memories, progress=False)
+    del base
+    return (bank.injection_vectors(range(len(memories))),
+            (note or "") + "base-model last-token states (MemoryBank.build), fresh LoRA", data.lora_model)
+
+
+def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
+    """Exact match of recalled vs memory text after the same number of optimizer steps for every N.
+
+    N's memories are nested (a seeded shuffle of the train-split memories, then its first N). An N the real
+    dataset cannot draw (each epoch needs ceil(N x sft_ratio) distinct pool conversations within sft_max_tokens)
+    is recorded as not measured with the dataset's own error, and the largest N the pool allows is added."""
+    import math
+    import random
+
+    from lightmem_exp.errors import LmxError
+    from lightmem_exp.lit.recall_test import recall_eval, recall_prompt_ids
+
+    data = Step2Data.build(cfg)
+    st = cfg.stage
+    pool = sorted(data.train_memories, key=lambda m: m["id"])
+    random.Random(f"bench-capacity/{cfg.seed}").shuffle(pool)
+    probe = data.dataset(pool[:1])
+    fitting = sum(probe.chat_length(r) <= st.sft_max_tokens for r in probe.pool)
+    n_max = min(len(pool), math.floor(fitting / float(st.sft_ratio)))
+    sizes = sorted({min(n, len(pool)) if n else len(pool) for n in s.capacity_sizes})
+    if s.capacity_add_pool_max and n_max < sizes[-1] and n_max not in sizes:
+        sizes = sorted({*sizes, n_max})
+    datasets, points = {}, {}
+    for n in sizes:
+        ds = data.dataset(pool[:n])
+        try:
+            ds.refresh_epoch_data(0)
+            datasets[n] = ds
+        except LmxError as e:
+            points[n] = {"N": n, "measured": False, "reason": str(e)}
+    measured = sorted(datasets)
+    source = "none measured"
+    if measured:
+        vectors_all, source, make_model = capacity_vectors(data, pool[:measured[-1]], step1_dir)
+    ids = data.token_ids()
+    marker = data.tokenizer(st.end_marker, add_special_tokens=False)["input_ids"]
+    prompt = recall_prompt_ids(data.tokenizer, st.recall_test.prompt, ids.recall, ids.memory_pad)
+    for n in measured:
+        memories = pool[:n]
+        torch.manual_seed(int(cfg.seed))
+        module = data.module(make_model(memories), datasets[n], vectors_all[:n])
+        counter = TokenCounter()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=s.capacity_steps, max_epochs=-1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, gradient_clip_val=st.gradient_clip_val,
+                            callbacks=[counter])
+        trainer.fit(module)
+        torch.set_num_threads(threads)  # Lightning may reset torch's thread count
+        longest = max(len(x) for x in module.dataset.memory_ids)
+        max_new = st.recall_test.max_new_tokens or longest + len(marker) + 8
+        scores, _ = recall_eval(module.model, data.tokenizer, memories, module.memory_vectors, prompt_ids=prompt,
+                                memory_pad_id=ids.memory_pad, marker_ids=marker, max_new_tokens=max_new,
+                                batch_size=64)
+        points[n] = {"N": n, "measured": True, "exact_match": scores["exact_match"], "token_f1": scores["token_f1"],
+                     "steps": trainer.global_step, "samples_trained": counter.samples,
+                     "tokens_trained": counter.tokens, "epochs": counter.samples / max(len(module.dataset), 1),
+                     "pool_max": n == n_max}
+        log.info("capacity N=%d: exact_match %.3f token_f1 %.3f after %d steps", n, scores["exact_match"],
+                 scores["token_f1"], trainer.global_step)
+        del module, trainer
+    return {"name": "recall/capacity", "points": [points[n] for n in sizes], "vectors": source,
+            "budget": {"optimizer_steps": s.capacity_steps, "batch_size": int(st.batch_size)},
+            "all_train_split_memories": len(pool),
+            "sft_pool": {"conversations": len(probe.pool), "within_sft_max_tokens": fitting, "largest_N": n_max},
+            "stage": {k: OmegaConf.to_container(st)[k] for k in ("lr", "loss_reduction", "sft_ratio", "sft_max_tokens",
+                                                                  "end_marker", "train_memory_vocab",
+                                                                  "gradient_clip_val")},
+            "lora": OmegaConf.to_container(_lora_of(cfg))}
+
+
+def _lora_of(cfg: DictConfig) -> DictConfig:
+    from lightmem_exp.stages.step2 import lora_config
+
+    return lora_config(cfg)
+
+
+def train_rows(s, explain: dict, which: list[str], threads: int) -> list[dict]:
+    rows = []
+    if {"G4", "G5"} & set(which):
+        su = setup(step2_config())
+        for name, fn in (("G4", lambda: g4_row(s, su, explain, threads)), ("G5", lambda: g5_row(s, su, explain))):
+            if name in which:
+                log.info("%s: step2 training", name)
+                rows.append(fn())
+    if "G6" in which:
+        log.info("G6: step2 training, packed vs padded (%s)", " ".join(G6_OVERRIDES))
+        rows.append(g6_row(s, setup(step2_config(G6_OVERRIDES)), explain))
+    return rows
+

@@ -1,0 +1,155 @@
+"""Stage adrpo: config validation, and end to end on five real LoCoMo conversations cut to three sessions: through
+the CLI with the in-process reward; in-process against the reward server (including a failing one), from a step2
+export, and with the recall answerer."""
+
+import json
+import threading
+
+import pytest
+
+from lightmem_exp.errors import ConfigError, UpstreamError
+from lightmem_exp.memory.store import MEMORY_TYPES
+from lightmem_exp.reward_server import RewardServer
+from lightmem_exp.rl.answerers import LocalAnswerer, RewardError
+from lightmem_exp.stages import validate
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("stage.init_from=scratch", "stage.init_from"), ("stage.rl.group_size=1", "stage.rl.group_size"),
+    ("stage.rl.kl_coef=-0.1", "stage.rl.kl_coef"), ("stage.rl.clip_eps=0", "stage.rl.clip_eps"),
+    ("stage.rl.max_new_tokens=768", "stage.rl.max_new_tokens"), ("stage.reward.mode=remote", "stage.reward.mode"),
+    ("stage.reward.answerer=judge", "stage.reward.answerer"),
+    ("stage.reward.length_penalty.weight=1.5", "stage.reward.length_penalty.weight"),
+    ("stage.reward.length_penalty.core_theta_max=100", "stage.reward.length_penalty.core_theta_max"),
+    ("stage.reward.length_penalty.gamma_upper=0.9", "stage.reward.length_penalty.gamma_upper"),
+    ("stage.reward.attribution.alpha=0", "stage.reward.attribution.alpha"),
+    ("stage.reward.format_penalty=0.5", "stage.reward.format_penalty"),
+    ("stage.memory.search=fuzzy", "stage.memory.search"), ("stage.expert.source=gpt", "stage.expert.source"),
+    ("stage.expert.update_f1=0.9", "stage.expert.update_f1"), ("stage.heldout.split=dev", "stage.heldout.split"),
+    ("stage.expert.source=api", "stage.expert.api.base_url"),
+    ("stage.reward.answerer=api", "stage.reward.api.base_url"),
+    ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
+])
+def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        validate(make_cfg("stage=adrpo", override))
+
+
+def test_defaults_validate_and_upstreams_are_checked_first(make_cfg):
+    cfg = make_cfg("stage=adrpo")
+    assert validate(cfg) == ["adrpo"]
+    rl, rw = cfg.stage.rl, cfg.stage.reward
+    assert (rl.group_size, rl.kl_coef, rw.length_penalty.weight, rw.attribution.alpha) == (8, 0.02, 0.8, 4.0)
+    assert (rw.length_penalty.core_theta_min, rw.length_penalty.core_theta_max) == (150, 400)
+    assert (rw.length_penalty.gamma_lower, rw.length_penalty.gamma_upper) == (0.5, 1.3)
+    assert "adrpo" in make_cfg().stage.order
+    with pytest.raises(UpstreamError, match="step2"):
+        validate(make_cfg("stage=adrpo", "stage.init_from=step2"))
+    with pytest.raises(UpstreamError, match="step2"):
+        validate(make_cfg("stage=adrpo", "stage.reward.answerer=recall"))
+
+
+SMALL = ["stage.expert.max_train_conversations=2", "stage.expert.train_sessions=2", "stage.sft.max_samples=16",
+         "stage.sft.max_epochs=1", "stage.rl.max_steps=2", "stage.rl.group_size=2", "stage.rl.max_new_tokens=48",
+         "stage.heldout.max_conversations=1", "stage.heldout.sessions=1"]
+
+
+@pytest.mark.slow
+def test_adrpo_runs_end_to_end_and_reports_sft_vs_rl(tmp_path, small_locomo):
+    common = ["logger=csv", "progress=false", f"data.path={small_locomo}"]
+    r = run_cli("stage=data", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("stage=adrpo", *common, *SMALL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sdir = tmp_path / "outputs" / "default" / "adrpo"
+    m = json.loads((sdir / "manifest.json").read_text())
+    met, st = m["metrics"], m["stats"]
+    for key in ("heldout/qa_acc_sft", "heldout/qa_acc_rl", "heldout/qa_acc_expert", "heldout/format_valid_sft",
+                "heldout/format_valid_rl", "reward/mean", "reward/format_valid", "time/reward_share"):
+        assert key in met and met[key] == met[key], key  # present, not NaN
+    assert 0 <= met["heldout/qa_acc_rl"] <= 1 and met["headline"] == met["heldout/qa_acc_rl"]
+    assert met["rl/steps"] == 2 and met["reward/errors"] == 0
+    assert sum(met[f"attribution/{t}"] for t in [*MEMORY_TYPES, "none"]) == 2  # one chunk per step
+    assert st["sft_samples"] == 16 and st["heldout_questions"] > 0 and st["reply_vocab_rows"] > 0
+    assert st["annotations"]["events"] > 0  # LoCoMo event summaries were read from the raw file
+    for conv in [*st["train_conversations"], *st["heldout_conversations"]]:
+        d = sdir / "expert" / conv
+        assert (d / "metadata.json").exists() and (d / "agent_calls.jsonl").exists()
+        assert len(list((d / "states").glob("*.json"))) >= 2
+    steps = [json.loads(x) for x in (sdir / "rl_steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all("reward/mean" in s for s in steps)
+    for name in ("adapter", "adapter_sft"):
+        assert (sdir / "export" / name / "adapter_config.json").exists()
+    assert (sdir / "heldout" / "sft").is_dir() and (sdir / "heldout" / "rl").is_dir()
+
+
+class FailAfter:
+    """Answers the first `n_ok` batches, fails every later one."""
+
+    name = "fail-after"
+
+    def __init__(self, n_ok: int):
+        self.inner, self.n_ok, self.calls = LocalAnswerer(), n_ok, 0
+
+    def score(self, items):
+        self.calls += 1
+        if self.calls > self.n_ok:
+            raise RewardError("scoring backend unavailable")
+        return self.inner.score(items)
+
+
+def fake_step2(root, model_cfg, data_root):
+    """A step2 stage dir holding only what adrpo reads: a merged model + tokenizer under export/model."""
+    from lightmem_exp.artifacts import Manifest, write_manifest
+    from lightmem_exp.models.loading import load_model, load_tokenizer
+
+    export = root / "export" / "model"
+    load_model(model_cfg, data_root).save_pretrained(export)
+    load_tokenizer(model_cfg, data_root).save_pretrained(export)
+    write_manifest(root, Manifest(stage="step2", seed=0, outputs={"model": "export/model"}))
+    return root
+
+
+@pytest.mark.slow
+def test_reward_server_step2_start_and_recall_answerer(make_cfg, small_locomo, data_root, tmp_path):
+    """Stage runs are subprocesses (the CLI's runtime settings); the reward servers run in this process."""
+    common = ["logger=csv", "progress=false", f"data.path={small_locomo}"]
+    r = run_cli("stage=data", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    step2 = fake_step2(tmp_path / "step2", make_cfg().model, data_root)  # the tiny model as a step2 export
+    fast = [*common, *SMALL, f"stage.inputs.step2={step2}", f"stage.inputs.data={tmp_path / 'outputs/default/data'}",
+            "stage.memory.search=bm25", "stage.sft.max_epochs=0", "stage.rl.max_steps=1", "stage.init_from=step2"]
+    servers = []
+
+    def serve(answerer) -> str:
+        server = RewardServer(("127.0.0.1", 0), answerer, search_mode="bm25")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    def manifest(exp):
+        return json.loads((tmp_path / "outputs" / exp / "adrpo" / "manifest.json").read_text())
+
+    try:
+        url = serve(LocalAnswerer())
+        remote = [*fast, "stage.reward.mode=api", "stage.reward.server.token_env=null"]
+        r = run_cli("stage=adrpo", *remote, f"stage.reward.server.url={url}", "exp=remote", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m = manifest("remote")
+        assert m["stats"]["reward_service"]["server"] == url and m["stats"]["init_from"] == "step2"
+        assert m["metrics"]["rl/steps"] == 1 and servers[0].served >= 3  # expert, sft and rl held-out at least
+
+        r = run_cli("stage=adrpo", *fast, "stage.reward.answerer=recall", "exp=recall", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m = manifest("recall")
+        assert m["stats"]["reward_service"] == {"answerer": "recall"} and 0 <= m["metrics"]["heldout/qa_acc_rl"] <= 1
+
+        bad = serve(FailAfter(2))  # the expert's and the SFT policy's held-out scoring pass, then it fails
+        r = run_cli("stage=adrpo", *remote, f"stage.reward.server.url={bad}", "exp=failing", cwd=tmp_path)
+        assert r.returncode == 2 and "held-out QA scoring (rl) failed" in r.stderr and "HTTP 502" in r.stderr
+        assert not (tmp_path / "outputs" / "failing" / "adrpo" / "manifest.json").exists()
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
