@@ -106,3 +106,14 @@ def small_locomo(tmp_path_factory, data_root) -> Path:
 def _session_of(dia_id: str) -> int:
     digits = dia_id.split(":")[0].lstrip("D")
     return int(digits) if digits.isdigit() else 10**6
+
+
+def random_qwen2(vocab_size: int = 300):
+    """A 2-layer random Qwen2 in eval mode, seeded: the shared model of the models/ unit tests."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64)
+    return Qwen2ForCausalLM(config).eval()

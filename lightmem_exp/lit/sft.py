@@ -16,14 +16,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from transformers import get_cosine_schedule_with_warmup
 
 from lightmem_exp.backends.local_hf_lora import HFChatGenerator, LocalHFLoraBackend
 from lightmem_exp.data.chat_sft import IGNORE_INDEX, collate_sft, split_last_turn
 from lightmem_exp.data.schema import parse_update_decision
 from lightmem_exp.errors import LmxError
 from lightmem_exp.eval.metrics import mean_scores
-from lightmem_exp.lit.trainer import CKPT_DIR, TrainableOnlyCheckpoint, decay_groups
+from lightmem_exp.lit.trainer import CKPT_DIR, TrainableOnlyCheckpoint, adamw_cosine
 
 MONITOR = "val/loss"
 BEST_CKPT = "best"
@@ -67,10 +66,7 @@ class ChatSftModule(TrainableOnlyCheckpoint):
                     self.log(f"val/loss_{name}", sums[sel].sum() / n, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(decay_groups(self, self.weight_decay), lr=self.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio)
 
 
 def sft_callbacks(sdir: Path, *, patience: int | None, min_delta: float) -> list[L.Callback]:

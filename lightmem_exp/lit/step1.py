@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import get_cosine_schedule_with_warmup
 
 from lightmem_exp.data.recall_queries import collate_queries
-from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, decay_groups
+from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, adamw_cosine
 from lightmem_exp.models.memory_bank import last_token_hidden
 from lightmem_exp.models.recall_loss import recall_contrastive_loss
 
@@ -66,7 +65,4 @@ class RecallQueryModule(TrainableOnlyCheckpoint):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(decay_groups(self, self.weight_decay), lr=self.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio)

@@ -23,12 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import get_cosine_schedule_with_warmup
 
 from lightmem_exp.artifacts import read_jsonl, write_jsonl
 from lightmem_exp.data.mixed_memory import IGNORE, MixedMemoryCollator, MixedMemorySFTDataset, Sample
 from lightmem_exp.errors import LmxError
-from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, decay_groups
+from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, adamw_cosine
 from lightmem_exp.models.injection import memory_inputs_embeds
 from lightmem_exp.models.loading import attach_lora, check_adapter_base
 
@@ -228,7 +227,4 @@ class MixedMemoryModule(TrainableOnlyCheckpoint):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(decay_groups(self, self.weight_decay), lr=self.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio)

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
+from transformers import get_cosine_schedule_with_warmup
 
 from lightmem_exp.lit.callbacks import FiniteLossGuard
 
@@ -48,6 +49,14 @@ def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (no_decay if "trainable_tokens" in name or p.ndim < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw_cosine(module: L.LightningModule, *, lr: float, weight_decay: float, warmup_ratio: float) -> dict:
+    """AdamW over `decay_groups` with linear warmup then cosine decay to 0, stepped per optimizer step."""
+    opt = torch.optim.AdamW(decay_groups(module, weight_decay), lr=lr)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    sched = get_cosine_schedule_with_warmup(opt, int(warmup_ratio * total), total)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class TrainableOnlyCheckpoint(L.LightningModule):

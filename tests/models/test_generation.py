@@ -9,7 +9,6 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
-    Qwen2Config,
     Qwen2ForCausalLM,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
@@ -18,6 +17,7 @@ from transformers import (
 from lightmem_exp.errors import LmxError
 from lightmem_exp.models.generation import generate_with_recall
 from lightmem_exp.models.memory_bank import MemoryBank, measure_embed_scale
+from tests.conftest import random_qwen2
 
 RECALL, MEM_PAD, PAD = 298, 299, 0
 N_MEM = 8
@@ -25,10 +25,7 @@ N_MEM = 8
 
 @pytest.fixture(scope="module")
 def model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64)
-    return Qwen2ForCausalLM(config).eval()
+    return random_qwen2()
 
 
 @pytest.fixture(scope="module")

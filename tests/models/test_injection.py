@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from lightmem_exp.errors import LmxError
 from lightmem_exp.models.injection import decode_from_memories, memory_forward, memory_inputs_embeds
 from lightmem_exp.models.memory_bank import MemoryBank, measure_embed_scale
+from tests.conftest import random_qwen2
 
 RECALL, MEM_PAD = 298, 299
 
 
 @pytest.fixture(scope="module")
 def model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64)
-    return Qwen2ForCausalLM(config).eval()
+    return random_qwen2()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from lightmem_exp.errors import DataError, LmxError
 from lightmem_exp.models.memory_bank import MemoryBank, last_token_hidden, measure_embed_scale
+from tests.conftest import random_qwen2
 
 SENTENCES = [
     "alice adopted a grey cat named pixel last spring",
@@ -26,10 +27,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64)
-    return Qwen2ForCausalLM(config).eval()
+    return random_qwen2()
 
 
 @pytest.fixture(scope="module")
