@@ -15,7 +15,9 @@ from lightmem_exp.config import CONF_DIR, validate_common
 from lightmem_exp.errors import ConfigError
 from tests.conftest import run_cli
 
-HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+# find_spec on a dotted name raises when the parent namespace is absent (no Hydra plugin installed at all).
+HAS_SUBMITIT = (importlib.util.find_spec("hydra_plugins") is not None
+                and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None)
 
 
 @pytest.fixture(autouse=True)
