@@ -14,7 +14,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from lightmem_exp import config  # noqa: F401, E402  (registers the config resolvers before Hydra composes)
-from lightmem_exp.config import CONF_DIR  # noqa: E402
+from lightmem_exp.config import CONF_DIR, check_argv_secrets  # noqa: E402
 from lightmem_exp.errors import LmxError  # noqa: E402
 
 log = logging.getLogger("lightmem_exp")
@@ -39,4 +39,8 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Before Hydra starts: it saves the overrides under .hydra/, so a secret typed on the command line would be on disk.
+    if problem := check_argv_secrets(sys.argv[1:]):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

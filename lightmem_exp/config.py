@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +44,82 @@ def positive(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def non_negative(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def int_at_least(n: int) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
+
+
+def is_bool(v: object) -> bool:
+    return isinstance(v, bool)
+
+
+# Row pieces for `require_all` tables: (check, what is expected[, null allowed]).
+INT1: tuple[Callable[[object], bool], str] = (int_at_least(1), "an integer >= 1")
+OPT_INT1: tuple[Callable[[object], bool], str, bool] = (int_at_least(1), "null or an integer >= 1", True)
+OPT_POSITIVE: tuple[Callable[[object], bool], str, bool] = (positive, "null or a number > 0", True)
+
+
+def require_all(cfg: DictConfig, prefix: str, table: Iterable[Sequence]) -> None:
+    """`require` for every row `(key, check, expect[, allow_none])` of a table, keys relative to `prefix`."""
+    for key, check, expect, *rest in table:
+        require(cfg, prefix + key, check, expect, allow_none=bool(rest and rest[0]))
+
+
+# ----------------------------------------------------------------------------------------------------- secrets
+# Configs are saved (config.yaml, .hydra/, wandb), so a secret never goes in one: keys ending in `_env` name the
+# environment variable holding it, and a key that looks like it holds a secret itself is refused.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# api_key, openai_api_key, secret, password, token, hf_token ... (not pad_token or max_new_tokens)
+SECRET_KEY = re.compile(r"^(.*_)?(api_?key|secret(_key)?|password)$|^((access|auth|bearer|hf|api)_)?token$", re.I)
+
+
+def secret_problem(key: str, value: object) -> str | None:
+    """Why `key=value` must not be in a config, or None. The message never repeats the value."""
+    leaf = key.rsplit(".", 1)[-1].lstrip("+~")
+    if leaf.endswith("_env"):
+        if value is None or (isinstance(value, str) and ENV_NAME.fullmatch(value)):
+            return None
+        return ("must be the NAME of an environment variable (letters, digits, '_'), not the secret itself; "
+                "export the secret in that variable")
+    if SECRET_KEY.search(leaf) and value not in (None, ""):
+        return f"secrets are never read from configs; put it in an environment variable and set {leaf}_env"
+    return None
+
+
+def check_secrets(cfg: DictConfig) -> None:
+    """Refuse any secret-looking value anywhere in the resolved config (the value is not echoed)."""
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif problem := secret_problem(path, node):
+            raise ConfigError(path, problem)
+
+    for top in cfg:
+        if top != "hydra":  # Hydra's own node holds job fields that resolve only inside a running job
+            value = OmegaConf.select(cfg, str(top))
+            walk(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value, str(top))
+
+
+def check_argv_secrets(argv: Sequence[str]) -> str | None:
+    """The same check on command-line overrides, before Hydra saves them under .hydra/ (an error message or None)."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        value = value.strip("'\"")
+        problem = secret_problem(key, None if value in ("null", "") else value)
+        if problem:
+            return f"config '{key.lstrip('+~')}': {problem}"
+    return None
+
+
 def validate_common(cfg: DictConfig) -> None:
     """Checks that apply to every stage; each stage adds its own in its `validate`."""
     require(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
@@ -57,6 +134,18 @@ def validate_common(cfg: DictConfig) -> None:
     require(cfg, "logger.name", lambda v: v in ("wandb", "csv", "none"), "'wandb', 'csv' or 'none'")
     require(cfg, "data.split_fractions", lambda v: len(v) == 3 and all(x >= 0 for x in v) and abs(sum(v) - 1) < 1e-6,
             "three non-negative fractions summing to 1")
+    from lightmem_exp.models.loading import DTYPES  # here: config.py itself stays free of torch
+
+    require_all(cfg, "", [
+        ("model.torch_dtype", lambda v: str(v).removeprefix("torch.") in DTYPES, f"null or one of {list(DTYPES)}",
+         True),
+        ("model.build", lambda v: v in ("tiny", "none", ""), "null or 'tiny'", True),
+        ("model.max_seq_len", int_at_least(16), "null or an integer >= 16", True),
+        ("trainer.accumulate_grad_batches", *INT1),
+        ("trainer.threads", *OPT_INT1),
+        ("trainer.gradient_checkpointing", is_bool, "true or false"),
+    ])
+    check_secrets(cfg)
     validate_scale_out(cfg)
 
 

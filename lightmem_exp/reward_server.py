@@ -1,13 +1,16 @@
 """`python -m lightmem_exp.reward_server`: the ADRPO QA-reward service (`reward.mode=api` points the stage at it).
 
 Endpoints (JSON; wire format in `lightmem_exp.rl.reward_service`):
-  GET  /health   {"status": "ok", "answerer": ..., "search_mode": ..., "auth": bool}
+  GET  /health   {"status": "ok", "answerer": ..., "search_mode": ..., "auth": bool, "served": n, "failed": n,
+                  "active": batches scoring now, "cancelled": timed-out batches stopped early}
   POST /reward   a batch of (memory snapshot, questions) items -> one QA score per item
 
 It binds 127.0.0.1 unless `--host` says otherwise. When the environment variable named by `--token-env` (default
 LMX_REWARD_TOKEN) is set, every request needs `Authorization: Bearer <token>` (401 otherwise); the token is never
 read from the command line. A request body over `--max-body-mb` is refused (413), and a batch that takes longer
-than `--timeout-s` to score is answered 504: the client counts it as a failed reward, it is never replaced.
+than `--timeout-s` to score is answered 504: the client counts it as a failed reward, it is never replaced. The
+scoring of a timed-out batch stops at its next item (one item is the unit of work), so abandoned batches do not keep
+the `--workers` threads busy for nobody while later requests queue behind them.
 
     python -m lightmem_exp.reward_server --port 8765 --answerer local --top-k 5
     python -m lightmem_exp.reward_server --answerer api --api-base-url http://localhost:8000/v1 --api-model m
@@ -21,13 +24,14 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from lightmem_exp.memory.store import SEARCH_MODES, MemoryStore, TextEmbedder
-from lightmem_exp.rl.answerers import Answerer, RewardError
+from lightmem_exp.rl.answerers import Answerer, RewardError, prefetch_embeddings
 
 log = logging.getLogger("lightmem_exp.reward_server")
 
@@ -43,9 +47,11 @@ class RewardServer(ThreadingHTTPServer):
         self.max_body_bytes, self.search_mode = max_body_bytes, search_mode
         self.embedder = TextEmbedder()  # shared across requests: consecutive batches repeat most texts
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
-        self.served = self.failed = 0
+        self.served = self.failed = self.cancelled = 0
+        self.active = 0  # batches being scored right now (health reports it)
+        self._lock = threading.Lock()
 
-    def score(self, payload: dict) -> dict:
+    def score(self, payload: dict, cancel: threading.Event | None = None) -> dict:
         mode = payload.get("search_mode", self.search_mode)
         if mode not in SEARCH_MODES:
             raise ValueError(f"search_mode must be one of {SEARCH_MODES}")
@@ -61,7 +67,22 @@ class RewardServer(ThreadingHTTPServer):
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"items[{i}]: {e!r}") from e
             batch.append((store, questions))
-        return {"results": [s.to_dict() for s in self.answerer.score(batch)]}
+        with self._lock:
+            self.active += 1
+        try:
+            if getattr(self.answerer, "searches_store", False):
+                prefetch_embeddings(batch)  # one encode call for the batch; the per-item calls then hit the cache
+            results = []
+            for i, item in enumerate(batch):
+                if cancel is not None and cancel.is_set():  # the request timed out: nobody waits for the rest
+                    with self._lock:
+                        self.cancelled += 1
+                    raise TimeoutError(f"scoring abandoned after {i} of {len(batch)} items (the request timed out)")
+                results.append(self.answerer.score([item])[0])
+            return {"results": [r.to_dict() for r in results]}
+        finally:
+            with self._lock:
+                self.active -= 1
 
     def server_close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -97,7 +118,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {"error": f"no such endpoint {self.path}"})
         self._send(200, {"status": "ok", "answerer": self.server.answerer.name,
                          "search_mode": self.server.search_mode, "auth": bool(self.server.token),
-                         "served": self.server.served, "failed": self.server.failed})
+                         "served": self.server.served, "failed": self.server.failed,
+                         "active": self.server.active, "cancelled": self.server.cancelled})
 
     def do_POST(self) -> None:
         if not self._authorised():
@@ -113,10 +135,12 @@ class _Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return self._send(400, {"error": f"the body is not JSON: {e}"})
         start = time.perf_counter()
-        future = self.server.pool.submit(self.server.score, payload)
+        cancel = threading.Event()
+        future = self.server.pool.submit(self.server.score, payload, cancel)
         try:
             result = future.result(timeout=self.server.timeout_s)
         except FutureTimeout:
+            cancel.set()  # a running batch stops at its next item; a queued one never starts
             future.cancel()
             self.server.failed += 1
             return self._send(504, {"error": f"scoring took longer than {self.server.timeout_s} s"})

@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (default 9; 3 with --quick)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--capacity-steps", type=int, default=None,
+                   help="optimizer steps of every recall/capacity point (default 200; 2 with --quick)")
     p.add_argument("--step1-dir", default=str(Path("outputs") / "default" / "step1"),
                    help="a step1 stage dir whose bank (and adapter) the capacity curve uses when complete "
                         "(default outputs/default/step1); otherwise base-model vectors")
@@ -39,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--only: unknown rows {unknown}; choose from {list(GROUPS)}")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.capacity_steps is not None and args.capacity_steps < 1:
+        p.error("--capacity-steps must be >= 1")
     return args
 
 
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dic
     s.seed = args.seed
     if args.repeats is not None:
         s.repeats = s.train_repeats = args.repeats
+    if args.capacity_steps is not None:
+        s.capacity_steps = args.capacity_steps
     start, load_start = time.perf_counter(), os.getloadavg()
 
     cfg = cases.tiny_config()

@@ -125,21 +125,27 @@ def render_curve(curve: dict) -> list[str]:
     """Markdown lines for the `recall/capacity` curve (no goal: a measurement)."""
     b, pool = curve["budget"], curve.get("sft_pool", {})
     lines = ["", f"## {curve['name']}", "",
-             f"Step2 memorisation at a fixed budget of {b['optimizer_steps']} optimizer steps of {b['batch_size']} "
-             f"samples for every N (all train-split memories: {curve['all_train_split_memories']}); memory vectors: "
-             f"{curve['vectors']}. Exact match is verbatim recalled text vs memory text (`recall_eval`)."]
+             f"Step2 memorisation at one fixed budget for every N: {b['optimizer_steps']} optimizer steps x "
+             f"{b['batch_size']} samples = {b['optimizer_steps'] * b['batch_size']} samples (all train-split "
+             f"memories: {curve['all_train_split_memories']}); memory vectors: {curve['vectors']}. Exact match is "
+             "verbatim recalled text vs memory text (`recall_eval`) over all N memories."]
     if pool:
         lines[-1] += (f" The SFT pool has {pool['within_sft_max_tokens']} of {pool['conversations']} conversations "
-                      f"within sft_max_tokens, enough for N <= {pool['largest_N']} per epoch.")
-    lines += ["", "| N | exact match | token F1 | steps | samples | non-pad tokens | epochs of the N's data |",
-              "|---|---|---|---|---|---|---|"]
+                      "within sft_max_tokens, and each epoch draws ceil(N x sft_ratio) distinct ones, so sft_ratio is "
+                      f"min({curve.get('stage', {}).get('sft_ratio', 'stage.sft_ratio')}, "
+                      f"{pool['within_sft_max_tokens']} / N); every epoch keeps the thirds memory_front / "
+                      "memory_full / sft_only, so the mix per step is the same for every N.")
+    lines += ["", "| N | sft_ratio | exact match | token F1 | steps | samples | memory samples per memory | "
+                  "non-pad tokens | train / recall eval |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for p in curve["points"]:
         if not p.get("measured", True):
-            lines.append(f"| {p['N']} | not measured: {_cell(p['reason'])} | – | – | – | – | – |")
+            lines.append(f"| {p['N']} | {p.get('sft_ratio', 0):.3f} | not measured: {_cell(p['reason'])} "
+                         "| – | – | – | – | – | – |")
             continue
-        tag = " (largest the pool allows)" if p.get("pool_max") else ""
-        lines.append(f"| {p['N']}{tag} | {p['exact_match']:.3f} | {p['token_f1']:.3f} | {p['steps']} | "
-                     f"{p['samples_trained']} | {p['tokens_trained']} | {p['epochs']:.2f} |")
+        lines.append(f"| {p['N']} | {p['sft_ratio']:.3f} | {p['exact_match']:.3f} | {p['token_f1']:.3f} | "
+                     f"{p['steps']} | {p['samples_trained']} | {p['per_memory']:.2f} | {p['tokens_trained']} | "
+                     f"{p['train_s']:.0f} s / {p['eval_s']:.0f} s |")
     return lines
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -77,13 +78,15 @@ class Step2Data:
                                     if m["conv_id"] in train],
                    [{"id": m["id"], "text": m["text"]} for m in written], arts["sft_pool"])
 
-    def dataset(self, memories: list[dict]):
+    def dataset(self, memories: list[dict], sft_ratio: float | None = None):
+        """The stage's dataset over `memories` (`sft_ratio`: instead of stage.sft_ratio)."""
         from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset
 
         st, ids = self.cfg.stage, self.token_ids()
+        ratio = st.sft_ratio if sft_ratio is None else sft_ratio
         return MixedMemorySFTDataset(self.tokenizer, self.pool, memories, recall_id=ids.recall,
                                      memory_pad_id=ids.memory_pad, end_marker=st.end_marker,
-                                     sft_ratio=st.sft_ratio, sft_max_tokens=st.sft_max_tokens, seed=self.cfg.seed,
+                                     sft_ratio=ratio, sft_max_tokens=st.sft_max_tokens, seed=self.cfg.seed,
                                      full_think_only=st.full_think_only, context_max_tokens=st.context_max_tokens)
 
     def token_ids(self):
@@ -413,15 +416,16 @@ def g6_row(s, su: Setup, explain: dict) -> dict:
 
 
 class TokenCounter(L.Callback):
-    """Counts the samples and non-pad tokens of the batches a Trainer actually trains on."""
+    """Counts the samples, memory samples and non-pad tokens of the batches a Trainer actually trains on."""
 
     def __init__(self) -> None:
-        self.tokens = self.samples = 0
+        self.tokens = self.samples = self.memory_samples = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
                              batch_idx: int) -> None:
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += len(batch["kinds"])
+        self.memory_samples += sum(k != "sft_only" for k in batch["kinds"])
 
 
 def capacity_vectors(data: Step2Data, memories: list[dict], step1_dir: Path):
@@ -457,17 +461,50 @@ def capacity_vectors(data: Step2Data, memories: list[dict], step1_dir: Path):
             (note or "") + "base-model last-token states (MemoryBank.build), fresh LoRA", data.lora_model)
 
 
-def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
-    """Exact match of recalled vs memory text after the same number of optimizer steps for every N.
+def pool_ratio(n: int, fitting: int, ratio: float) -> float:
+    """The largest sft_ratio <= `ratio` whose per-epoch draw, ceil(n x sft_ratio) conversations, fits in the
+    `fitting` pool conversations within sft_max_tokens (0.0 when none fits)."""
+    r = min(float(ratio), fitting / n)
+    while r > 0 and math.ceil(n * r) > fitting:
+        r = math.nextafter(r, 0.0)
+    return r
 
-    N's memories are nested (a seeded shuffle of the train-split memories, then its first N). An N the real
-    dataset cannot draw (each epoch needs ceil(N x sft_ratio) distinct pool conversations within sft_max_tokens)
-    is recorded as not measured with the dataset's own error, and the largest N the pool allows is added."""
-    import math
+
+def recall_by_length(model, data: Step2Data, memories: list[dict], vectors: torch.Tensor, *, prompt: list[int],
+                     marker: list[int], batch_size: int) -> dict:
+    """`recall_eval` over every memory, in batches of similar token length, each decoding at most its longest
+    memory + end marker + 8 tokens (the stage's recall-test length, per batch instead of per run: a model that never
+    emits the marker then decodes ~31 tokens per memory here instead of the longest memory's 241+)."""
+    from lightmem_exp.lit.recall_test import recall_eval
+
+    lengths = [len(data.tokenizer(m["text"], add_special_tokens=False)["input_ids"]) for m in memories]
+    order = sorted(range(len(memories)), key=lambda i: lengths[i])
+    exact = f1 = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        scores, _ = recall_eval(model, data.tokenizer, [memories[i] for i in batch], vectors[batch],
+                                prompt_ids=prompt, memory_pad_id=data.token_ids().memory_pad, marker_ids=marker,
+                                max_new_tokens=max(lengths[i] for i in batch) + len(marker) + 8,
+                                batch_size=len(batch))
+        exact += scores["exact_match"] * len(batch)
+        f1 += scores["token_f1"] * len(batch)
+    return {"exact_match": exact / len(memories), "token_f1": f1 / len(memories)}
+
+
+def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
+    """Exact match of recalled vs memory text, over all N memories, after the same optimizer steps for every N.
+
+    N's memories are nested (a seeded shuffle of the train-split memories, then its first N). Each epoch the real
+    dataset draws ceil(N x sft_ratio) distinct pool conversations within sft_max_tokens and refuses a pool that is
+    short, so every N gets sft_ratio = min(stage.sft_ratio, fitting / N) (`pool_ratio`). At a fixed step budget
+    this changes only the epoch length: every epoch is still split in thirds (memory_front / memory_full /
+    sft_only), so every N trains on the same mix, and an epoch below 1.5 holds a reshuffled subset of the
+    memories instead of each once. An N the dataset still cannot draw is recorded as not measured."""
     import random
+    import time
 
     from lightmem_exp.errors import LmxError
-    from lightmem_exp.lit.recall_test import recall_eval, recall_prompt_ids
+    from lightmem_exp.lit.recall_test import recall_prompt_ids
 
     data = Step2Data.build(cfg)
     st = cfg.stage
@@ -475,24 +512,24 @@ def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
     random.Random(f"bench-capacity/{cfg.seed}").shuffle(pool)
     probe = data.dataset(pool[:1])
     fitting = sum(probe.chat_length(r) <= st.sft_max_tokens for r in probe.pool)
-    n_max = min(len(pool), math.floor(fitting / float(st.sft_ratio)))
     sizes = sorted({min(n, len(pool)) if n else len(pool) for n in s.capacity_sizes})
-    if s.capacity_add_pool_max and n_max < sizes[-1] and n_max not in sizes:
-        sizes = sorted({*sizes, n_max})
     datasets, points = {}, {}
     for n in sizes:
-        ds = data.dataset(pool[:n])
+        ratio = pool_ratio(n, fitting, st.sft_ratio)
         try:
+            if ratio <= 0:
+                raise LmxError(f"no SFT conversation of the pool fits in {st.sft_max_tokens} tokens")
+            ds = data.dataset(pool[:n], sft_ratio=ratio)
             ds.refresh_epoch_data(0)
             datasets[n] = ds
         except LmxError as e:
-            points[n] = {"N": n, "measured": False, "reason": str(e)}
+            points[n] = {"N": n, "measured": False, "sft_ratio": ratio, "reason": str(e)}
     measured = sorted(datasets)
     source = "none measured"
     if measured:
         vectors_all, source, make_model = capacity_vectors(data, pool[:measured[-1]], step1_dir)
-    ids = data.token_ids()
     marker = data.tokenizer(st.end_marker, add_special_tokens=False)["input_ids"]
+    ids = data.token_ids()
     prompt = recall_prompt_ids(data.tokenizer, st.recall_test.prompt, ids.recall, ids.memory_pad)
     for n in measured:
         memories = pool[:n]
@@ -503,24 +540,27 @@ def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, gradient_clip_val=st.gradient_clip_val,
                             callbacks=[counter])
+        t0 = time.perf_counter()
         trainer.fit(module)
+        t1 = time.perf_counter()
         torch.set_num_threads(threads)  # Lightning may reset torch's thread count
-        longest = max(len(x) for x in module.dataset.memory_ids)
-        max_new = st.recall_test.max_new_tokens or longest + len(marker) + 8
-        scores, _ = recall_eval(module.model, data.tokenizer, memories, module.memory_vectors, prompt_ids=prompt,
-                                memory_pad_id=ids.memory_pad, marker_ids=marker, max_new_tokens=max_new,
-                                batch_size=64)
-        points[n] = {"N": n, "measured": True, "exact_match": scores["exact_match"], "token_f1": scores["token_f1"],
+        scores = recall_by_length(module.model, data, memories, module.memory_vectors, prompt=prompt, marker=marker,
+                                  batch_size=s.capacity_eval_batch)
+        t2 = time.perf_counter()
+        points[n] = {"N": n, "measured": True, "sft_ratio": module.dataset.sft_ratio,
+                     "exact_match": scores["exact_match"], "token_f1": scores["token_f1"],
                      "steps": trainer.global_step, "samples_trained": counter.samples,
+                     "memory_samples": counter.memory_samples, "per_memory": counter.memory_samples / n,
                      "tokens_trained": counter.tokens, "epochs": counter.samples / max(len(module.dataset), 1),
-                     "pool_max": n == n_max}
-        log.info("capacity N=%d: exact_match %.3f token_f1 %.3f after %d steps", n, scores["exact_match"],
-                 scores["token_f1"], trainer.global_step)
+                     "train_s": t1 - t0, "eval_s": t2 - t1}
+        log.info("capacity N=%d (sft_ratio %.3f): exact_match %.3f token_f1 %.3f after %d steps (train %.0f s, "
+                 "eval %.0f s)", n, module.dataset.sft_ratio, scores["exact_match"], scores["token_f1"],
+                 trainer.global_step, t1 - t0, t2 - t1)
         del module, trainer
     return {"name": "recall/capacity", "points": [points[n] for n in sizes], "vectors": source,
             "budget": {"optimizer_steps": s.capacity_steps, "batch_size": int(st.batch_size)},
             "all_train_split_memories": len(pool),
-            "sft_pool": {"conversations": len(probe.pool), "within_sft_max_tokens": fitting, "largest_N": n_max},
+            "sft_pool": {"conversations": len(probe.pool), "within_sft_max_tokens": fitting},
             "stage": {k: OmegaConf.to_container(st)[k] for k in ("lr", "loss_reduction", "sft_ratio", "sft_max_tokens",
                                                                   "end_marker", "train_memory_vocab",
                                                                   "gradient_clip_val")},

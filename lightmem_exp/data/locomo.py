@@ -103,7 +103,7 @@ def _sessions(path: Path, i: int, conv_id: str, conv: dict, quirks: Counter) -> 
             expect(t, dict, path, f"{where}[{j}]")
             for key in ("speaker", "dia_id", "text"):
                 if key not in t:
-                    raise DataError(path, f"turn lacks '{key}'", field=f"{where}[{j}]")
+                    raise DataError(path, f"turn lacks '{key}'", field=f"{where}[{j}].{key}")
                 expect(t[key], str, path, f"{where}[{j}].{key}")
             caption = t.get("blip_caption")
             turns.append({"speaker": t["speaker"], "dia_id": t["dia_id"], "text": t["text"],
@@ -162,7 +162,7 @@ def _qa(path: Path, i: int, conv_id: str, items: list, turn_ids: set[str], quirk
         expect(q, dict, path, where)
         for key in ("question", "category"):
             if key not in q:
-                raise DataError(path, f"QA item lacks '{key}'", field=where)
+                raise DataError(path, f"QA item lacks '{key}'", field=f"{where}.{key}")
         expect(q["question"], str, path, f"{where}.question")
         cat = expect(q["category"], int, path, f"{where}.category")
         answer = q.get("answer")

@@ -342,7 +342,7 @@ class EvalContext:
         self.device = _device(cfg)
         self._lms: dict[str, LoadedModel] = {}
         self._indexes: dict[str, ConversationIndex] = {}
-        self._step1_bank = None
+        self._full_banks: dict[str, Any] = {}  # recall.bank source -> the loaded bank, sliced per conversation
         self.embed = EmbeddingCache()
         self.ks = sorted({int(k) for k in self.st.ks})
 
@@ -426,9 +426,9 @@ class EvalContext:
 
     def conversation_bank(self, conv: Conversation) -> Any:
         """The memory bank `recall` searches for `conv`, per `stage.recall.bank`:
-        step1  the step1 bank's vectors of this conversation's memories: the key encoder whose vectors step2 was
-               trained to decode (its export/bank holds only the written, train-split memories);
-        export the step2 export/bank as it is (only memories written during training);
+        export this conversation's memories in the step2 export/bank: the memories step2 wrote into the model
+               (data.write_splits; with data.max_memories a sample of them, so the others cannot be recalled);
+        step1  the step1 bank's vectors of every memory of this conversation, written or not;
         encode this conversation's memories encoded by the step2 model itself (data that step1 never saw)."""
         from lightmem_exp.models.memory_bank import MemoryBank
 
@@ -436,22 +436,26 @@ class EvalContext:
         source = str(self.st.recall.bank)
         if source in index.banks:
             return index.banks[source]
-        if source == "export":
-            bank = MemoryBank.load(self.upstream["step2"].path("bank"))
-        elif source == "encode":
+        if source == "encode":
             lm = self.lm("step2")
             bank = MemoryBank.build(lm.model, lm.tokenizer, [{"id": m["id"], "text": m["text"]} for m in conv.memories],
                                     progress=False)
         else:
-            if self._step1_bank is None:
-                self._step1_bank = MemoryBank.load(self.step1_manifest().path("bank"))
-            full = self._step1_bank
+            if source not in self._full_banks:
+                path = self.upstream["step2"].path("bank") if source == "export" else self.step1_manifest().path("bank")
+                self._full_banks[source] = MemoryBank.load(path)
+                # checked on the loaded file: the per-conversation slices below no longer know their path
+                self._full_banks[source].check_compatible(self.lm("step2").model)
+            full = self._full_banks[source]
             row = {mid: i for i, mid in enumerate(full.ids)}
             missing = [m["id"] for m in conv.memories if m["id"] not in row]
-            if missing:
+            if source == "step1" and missing:
                 raise UpstreamError(f"{full.path}: the step1 bank lacks {len(missing)} memories of {conv.conv_id} "
                                     f"(e.g. {missing[:3]}); it was built on other data. Use stage.recall.bank=encode")
-            rows = [row[m["id"]] for m in conv.memories]
+            if source == "export" and len(missing) == len(conv.memories):
+                raise UpstreamError(f"{full.path}: step2 wrote no memory of {conv.conv_id}; add its split to "
+                                    "data.write_splits of the step1/step2 run, or use stage.recall.bank=step1|encode")
+            rows = [row[m["id"]] for m in conv.memories if m["id"] in row]
             bank = MemoryBank(full.vectors[rows], [full.entries[i] for i in rows], embed_scale=full.embed_scale,
                               model_name=full.model_name, normalize=False)
         if len(bank) == 0:
@@ -657,7 +661,8 @@ class Recall(Method):
                                    top_k_trace=max(self.ctx.ks))
         news = _new_tokens(out.sequences[:, ids.shape[1]:].tolist(), lm.eos_id)
         answers = []
-        for p, new, trace, rag in zip(prompts, news, out.recall_trace, ranked, strict=True):
+        in_bank = set(bank.ids)
+        for q, p, new, trace, rag in zip(questions, prompts, news, out.recall_trace, ranked, strict=True):
             text = decode(lm, new)
             recalled, reply, seen = split_recall_output(text, lm.end_marker)
             first = trace[0] if trace else None
@@ -670,6 +675,7 @@ class Recall(Method):
                 retrieved_memory_ids=rag or candidates,
                 extra={"recalled_memory_id": first["memory_id"] if first else None,
                        "recall_candidates": candidates, "recalls": len(trace), "end_marker_seen": seen,
+                       "evidence_in_bank": any(m in in_bank for m in q["evidence_memory_ids"]),
                        "recalled_text": recalled, "recalled_text_f1": token_f1(recalled, chosen) if first else 0.0,
                        "recalled_text_exact": exact_match(recalled, chosen) if first else 0.0,
                        "raw_output": text}))

@@ -115,7 +115,7 @@ def aggregate(records: Sequence[dict], benchmark: str, ks: Sequence[int]) -> dic
                     for r in recs if r["evidence_memory_ids"]]
             if hits:
                 out[p + "recalled_evidence@1"] = _mean(hits)
-            for key in ("recalled_text_f1", "recalled_text_exact"):
+            for key in ("recalled_text_f1", "recalled_text_exact", "evidence_in_bank"):
                 out[p + key] = _mean([float(r["extra"][key]) for r in recs if key in r["extra"]])
         judged = [r["judge"]["correct"] for r in recs if "judge" in r]
         if judged:
@@ -154,7 +154,8 @@ def main_columns(benchmark: str, ks: Sequence[int]) -> list[tuple[str, str]]:
         cols = [("acc", "acc"), ("task-avg acc", "task_avg_acc"), ("F1", "f1"), ("EM", "em")]
     cols += [(f"evidence R@{k}", f"evidence_recall@{k}") for k in ks]
     cols += [(f"session R@{k}", f"session_recall@{k}") for k in ks]
-    cols += [("recalled = chosen memory (F1)", "recalled_text_f1"), ("judge acc", "judge/acc")]
+    cols += [("recalled = chosen memory (F1)", "recalled_text_f1"), ("evidence in recall bank", "evidence_in_bank"),
+             ("judge acc", "judge/acc")]
     return cols
 
 

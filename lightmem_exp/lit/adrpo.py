@@ -46,6 +46,26 @@ class AdrpoModule(TrainableOnlyCheckpoint):
         self.served_counts: Counter = Counter()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    # Everything the manifest reports over all RL steps goes into checkpoints, so a resumed run reports them all.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        budget = getattr(self.scorer, "budget", None)
+        checkpoint["adrpo"] = {"history": self.history, "attribution_counts": dict(self.attribution_counts),
+                               "served_counts": dict(self.served_counts),
+                               "reward_errors": (budget.errors, list(budget.messages)) if budget else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("adrpo")
+        if state is None:
+            return
+        self.history = list(state["history"])
+        self.attribution_counts = Counter(state["attribution_counts"])
+        self.served_counts = Counter(state["served_counts"])
+        budget = getattr(self.scorer, "budget", None)
+        if state["reward_errors"] is not None and budget is not None:
+            budget.errors, budget.messages = state["reward_errors"][0], list(state["reward_errors"][1])
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch  # RL items are plain Python records; tensors are built on the model's device when needed
 

@@ -81,6 +81,13 @@ class RecallTestCallback(L.Callback):
         self.max_new_tokens, self.every_n_epochs, self.batch_size = max_new_tokens, every_n_epochs, batch_size
         self.history: list[dict] = []
 
+    # The history goes into checkpoints, so a resumed run reports the epochs before the kill too.
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.memories or (trainer.current_epoch + 1) % self.every_n_epochs:
             return

@@ -44,13 +44,25 @@ class ChatSftModule(TrainableOnlyCheckpoint):
         self.model = model
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.groups = list(groups)
+        self.last_train_loss: torch.Tensor | None = None  # kept in checkpoints: a resumed, finished fit logs nothing
         self.save_hyperparameters(ignore=["model"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=max(n, 1))
+        self.last_train_loss = out.loss.detach()
         return out.loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.last_train_loss is not None:
+            checkpoint["last_train_loss"] = float(self.last_train_loss)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "last_train_loss" in checkpoint:
+            self.last_train_loss = torch.tensor(checkpoint["last_train_loss"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         sums, counts = token_nll(self.model, batch)

@@ -51,6 +51,17 @@ class RecallQueryModule(TrainableOnlyCheckpoint):
         if not self.refresh_keys and self.key_cache.numel() == 0:
             self.refresh_key_cache()
 
+    # Frozen keys are the base model's: a resumed run must not re-encode them with the partly trained model.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.key_cache.numel():
+            checkpoint["key_cache"] = self.key_cache.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "key_cache" in checkpoint:
+            self.key_cache = checkpoint["key_cache"].to(self.device)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.encode(batch["input_ids"], batch["attention_mask"])
         if self.refresh_keys:

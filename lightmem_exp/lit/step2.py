@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from lightmem_exp.artifacts import read_jsonl, write_jsonl
 from lightmem_exp.data.mixed_memory import IGNORE, MixedMemoryCollator, MixedMemorySFTDataset, Sample
 from lightmem_exp.errors import LmxError
+from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, adamw_cosine
 from lightmem_exp.models.injection import memory_inputs_embeds
-from lightmem_exp.models.loading import attach_lora, check_adapter_base
+from lightmem_exp.models.loading import attach_lora, check_adapter_base, check_adapter_shapes
 
 log = logging.getLogger(__name__)
 DRAWS_FILE = "epoch_draws.jsonl"
@@ -66,6 +66,7 @@ def start_from_step1(model: torch.nn.Module, adapter_dir: str | Path, model_cfg:
 
     adapter_dir = Path(adapter_dir)
     check_adapter_base(adapter_dir, model_cfg)
+    check_adapter_shapes(adapter_dir, model, model_cfg)
     src = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     r1, a1 = int(src["r"]), float(src["lora_alpha"])
@@ -175,7 +176,7 @@ class MixedMemoryModule(TrainableOnlyCheckpoint):
         self.loss_reduction = loss_reduction
         self.draws_path = Path(draws_path) if draws_path is not None else None
         self.register_buffer("memory_vectors", vectors.detach().float().clone(), persistent=False)
-        self.save_hyperparameters(ignore=["model", "dataset", "vectors"])
+        self.save_hyperparameters(ignore=["model", "dataset", "vectors", "draws_path"])  # a Path: not weights_only-loadable
 
     # ---- data: re-drawn at every epoch start (idempotent per epoch, so a resumed run re-draws the same) -----
 
@@ -193,13 +194,19 @@ class MixedMemoryModule(TrainableOnlyCheckpoint):
             rows[epoch] = record
             write_jsonl(self.draws_path, (rows[k] for k in sorted(rows)))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         self._refresh()
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator,
-                          num_workers=self.num_workers)
+        # The epoch's samples are already in drawn order; the loader only remembers where a resumed epoch continues.
+        return ResumableLoader(self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator,
+                               num_workers=self.num_workers)
 
     def on_train_epoch_start(self) -> None:
         self._refresh()  # epoch > 0: before the epoch's iterator is created (epoch 0: train_dataloader did it)
+
+    def on_train_start(self) -> None:
+        # Resumed mid-epoch, Lightning skips on_train_epoch_start and built the loader before restoring the epoch
+        # counter: draw the restored epoch's samples here, before its first batch.
+        self._refresh()
 
     # ---- step ---------------------------------------------------------------------------------------------
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_cosine_schedule_with_warmup
 
 from lightmem_exp.lit.callbacks import FiniteLossGuard
+from lightmem_exp.lit.resume import AtomicCheckpointIO, LastCheckpoint, LoaderPosition, load_rng, save_rng
 
+log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 
 
@@ -20,13 +22,13 @@ def make_trainer(cfg: DictConfig, sdir: Path, *, max_epochs: int, logger: Logger
                  callbacks: list[L.Callback] = (), ckpt_every_n_steps: int | None = None,
                  gradient_clip_val: float | None = None) -> L.Trainer:
     ckpt_dir = sdir / CKPT_DIR
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                 every_n_train_steps=ckpt_every_n_steps, save_on_train_epoch_end=True)
+    checkpoint = LastCheckpoint(ckpt_dir / "last.ckpt", every_n_steps=ckpt_every_n_steps)
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer.lightning, resolve=True),
         max_epochs=max_epochs,
         logger=logger if logger is not None else False,
-        callbacks=[FiniteLossGuard(ckpt_dir), *callbacks, checkpoint],
+        callbacks=[FiniteLossGuard(ckpt_dir), LoaderPosition(), *callbacks, checkpoint],
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(sdir),
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=gradient_clip_val,
@@ -36,9 +38,14 @@ def make_trainer(cfg: DictConfig, sdir: Path, *, max_epochs: int, logger: Logger
 
 
 def resume_path(cfg: DictConfig, sdir: Path) -> str | None:
-    """The stage's own last checkpoint when resume=auto and one exists (never an upstream's weights)."""
+    """The stage's own last checkpoint when resume=auto and one exists (never an upstream's weights: `init_from`
+    loads those from the upstream's exported files). The runner has already refused a checkpoint written under
+    another config, and cleared it for overwrite=true / resume=never."""
     last = sdir / CKPT_DIR / "last.ckpt"
-    return str(last) if cfg.resume == "auto" and last.exists() else None
+    if cfg.resume == "auto" and last.exists():
+        log.info("resuming from own checkpoint %s", last)
+        return str(last)
+    return None
 
 
 def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -67,3 +74,7 @@ class TrainableOnlyCheckpoint(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng"] = save_rng()  # dropout after a resume draws what the uninterrupted run drew
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_rng(checkpoint.get("rng"))

@@ -414,22 +414,22 @@ def load_token_rows(model: PreTrainedModel, path: str | Path) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------- LoRA
 
 
-def validate_lora_cfg(lora_cfg: Mapping[str, Any]) -> None:
-    """Reject bad `lora.*` values before any model is loaded."""
+def validate_lora_cfg(lora_cfg: Mapping[str, Any], prefix: str = "lora.") -> None:
+    """Reject bad `lora.*` values before any model is loaded; errors name `<prefix><key>`."""
     r = _get(lora_cfg, "r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError("lora.r", f"must be an integer >= 1, got {r!r}")
+        raise ConfigError(prefix + "r", f"must be an integer >= 1, got {r!r}")
     alpha = _get(lora_cfg, "alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ConfigError("lora.alpha", f"must be a number > 0, got {alpha!r}")
+        raise ConfigError(prefix + "alpha", f"must be a number > 0, got {alpha!r}")
     dropout = _get(lora_cfg, "dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError("lora.dropout", f"must be in [0, 1), got {dropout!r}")
+        raise ConfigError(prefix + "dropout", f"must be in [0, 1), got {dropout!r}")
     targets = _plain(_get(lora_cfg, "target_modules"))
     if targets == "all-linear":
         return
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError("lora.target_modules", f"must be a non-empty list of module names, got {targets!r}")
+        raise ConfigError(prefix + "target_modules", f"must be a non-empty list of module names, got {targets!r}")
 
 
 def attach_lora(
@@ -482,6 +482,7 @@ def load_adapter(
     from peft import PeftModel
 
     check_adapter_base(adapter_dir, model_cfg)
+    check_adapter_shapes(adapter_dir, model, model_cfg)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
@@ -500,6 +501,55 @@ def check_adapter_base(adapter_dir: str | Path, model_cfg: Mapping[str, Any]) ->
             f"{config_path}: the adapter was trained on base {recorded!r} but model.name_or_path is {expected!r}; "
             "choose the model config of the adapter's base or an adapter trained on this base"
         )
+
+
+def check_adapter_shapes(adapter_dir: str | Path, model: nn.Module, model_cfg: Mapping[str, Any]) -> None:
+    """Refuse an adapter whose tensors do not fit `model`: the recorded base name can match while the weights differ
+    (a base rebuilt at the same path, a checkpoint of another size), and PEFT then fails with a bare size mismatch."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # PEFT names a missing weights file itself
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    modules = dict(model.named_modules())
+    problems = []
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            problem = _adapter_tensor_problem(key, tuple(f.get_slice(key).get_shape()), modules)
+            if problem:
+                problems.append(problem)
+    tokens = config.get("trainable_token_indices")
+    for name, ids in (tokens.items() if isinstance(tokens, dict) else ()):
+        rows = getattr(modules.get(name), "num_embeddings", None)
+        if rows is not None and ids and max(ids) >= rows:
+            problems.append(f"trainable token id {max(ids)} is past the {rows} rows of {name}")
+    if problems:
+        raise LmxError(
+            f"{adapter_dir}: the adapter (trained on base {config.get('base_model_name_or_path')!r}) does not fit the "
+            f"model {_get(model_cfg, 'name_or_path')!r}: {'; '.join(problems[:3])}"
+            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            + ". It was made for another base: use that base, or train an adapter on this one"
+        )
+
+
+def _adapter_tensor_problem(key: str, shape: tuple[int, ...], modules: Mapping[str, nn.Module]) -> str | None:
+    """Why a saved LoRA / trainable-token tensor does not fit its base module, or None (other tensors: None)."""
+    name = key.removeprefix("base_model.model.")
+    for marker, dim, attrs in ((".lora_A.", 1, ("in_features",)), (".lora_B.", 0, ("out_features",)),
+                               (".token_adapter.", 1, ("embedding_dim", "in_features"))):  # embedding or lm_head rows
+        if marker in name:
+            target = name.split(marker)[0]
+            module = modules.get(target)
+            if module is None:
+                return f"{key} targets {target}, which the model does not have"
+            attr = next((a for a in attrs if hasattr(module, a)), attrs[0])
+            size = getattr(module, attr, None)
+            if size is not None and len(shape) == 2 and shape[dim] != size:
+                return f"{key} has shape {list(shape)} but {target}.{attr} is {size}"
+            return None
+    return None
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -102,6 +102,7 @@ def prefetch_embeddings(items: Sequence[tuple[MemoryStore, Sequence[dict]]]) -> 
 
 class LocalAnswerer:
     name = "local"
+    searches_store = True  # answers from the store's search: a batch's embeddings can be computed up front
 
     def __init__(self, top_k: int = 5, threshold: float = 1.0):
         if top_k < 1 or not 0 < threshold <= 1:
@@ -209,6 +210,7 @@ class ApiAnswerer:
     """See the module docstring. `client` answers, `judge` (default: the same client) grades."""
 
     name = "api"
+    searches_store = True
 
     def __init__(self, client: ChatClient, *, judge: ChatClient | None = None, top_k: int = 5,
                  verdicts_path: str | Path | None = None):

@@ -59,12 +59,59 @@ def _comparable(cfg: DictConfig) -> dict:
     return {k: v for k, v in d.items() if k not in _VOLATILE}
 
 
+def _run_files(sdir: Path) -> list[Path]:
+    """What earlier runs left in a stage dir: everything but Hydra's own run files (.hydra/, *.log)."""
+    if not sdir.is_dir():
+        return []
+    return [p for p in sdir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+
+
 def _clear_stage_dir(sdir: Path) -> None:
-    """overwrite=true: drop everything but Hydra's own run files, so nothing stale is trusted or resumed."""
-    for p in sdir.iterdir():
-        if p.name in (".hydra",) or p.suffix == ".log":
-            continue
+    """overwrite=true / resume=never: drop everything but Hydra's own run files, so nothing stale is trusted or
+    resumed."""
+    for p in _run_files(sdir):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (added and removed keys included)."""
+    keys = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _prepare_unfinished(sub: DictConfig, name: str, sdir: Path) -> None:
+    """A stage dir without a manifest holds a killed or failed run. overwrite=true and resume=never start clean;
+    resume=auto keeps it so the stage continues from its own checkpoint, but never under another config: a
+    checkpoint of other shapes or data would fail deep inside Lightning's restore, or worse, load silently."""
+    if sub.overwrite or sub.resume == "never":
+        log.info("stage %s: discarding the unfinished run in %s (%s)", name, sdir,
+                 "overwrite=true" if sub.overwrite else "resume=never")
+        _clear_stage_dir(sdir)
+        return
+    saved = sdir / "config.yaml"
+    diff = _config_diff(_comparable(OmegaConf.load(saved)), _comparable(sub)) if saved.exists() else ["config.yaml"]
+    if not diff:
+        for tmp in sorted(sdir.rglob(".*.tmp"), reverse=True):  # writes the kill interrupted, never under final names
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        return
+    checkpoints = sorted(sdir.rglob("*.ckpt"))
+    if not checkpoints:
+        log.info("stage %s: the unfinished run in %s has no checkpoint and another config: starting afresh", name, sdir)
+        _clear_stage_dir(sdir)
+        return
+    shown = ", ".join(diff[:12]) + (f" and {len(diff) - 12} more" if len(diff) > 12 else "")
+    raise LmxError(
+        f"stage {name}: {sdir} holds an unfinished run whose checkpoints ({checkpoints[0]}"
+        f"{' ...' if len(checkpoints) > 1 else ''}) were written under a different config (differs in: {shown}), "
+        "so it cannot be resumed; pass overwrite=true or resume=never to start the stage afresh, or choose "
+        "another exp="
+    )
 
 
 def run_stage(cfg: DictConfig, name: str, *, in_pipeline: bool = False) -> StageResult:
@@ -87,9 +134,16 @@ def run_stage(cfg: DictConfig, name: str, *, in_pipeline: bool = False) -> Stage
                 + ("" if same else " with a different config")
                 + "; pass overwrite=true to run it again, or choose another exp="
             )
+    elif _run_files(sdir):
+        _prepare_unfinished(sub, name, sdir)
     sdir.mkdir(parents=True, exist_ok=True)
     save_resolved(sub, sdir / "config.yaml")
     log.info("stage %s -> %s", name, sdir)
+    # Every stage starts from the same seeded process state, so its result does not depend on which stages ran
+    # before it in this process (a resumed pipeline skips finished ones; LoRA init draws from the global RNG).
+    from lightmem_exp.runtime import setup_runtime
+
+    setup_runtime(sub)
     try:
         return STAGES[name].impl.run(sub)
     finally:

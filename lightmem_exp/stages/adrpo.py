@@ -28,14 +28,22 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from lightmem_exp.artifacts import Manifest, read_json, read_jsonl, write_json, write_jsonl, write_manifest
-from lightmem_exp.config import positive, require
+from lightmem_exp.artifacts import (
+    Manifest,
+    atomic_dir,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
+from lightmem_exp.config import non_negative, positive, require, require_all
 from lightmem_exp.data.chat_sft import IGNORE_INDEX, ChatSftDataset, encode_rows
 from lightmem_exp.data.schema import FACT_KINDS
 from lightmem_exp.errors import ConfigError, LmxError
 from lightmem_exp.lit.adrpo import AdrpoModule
+from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.sft import ChatSftModule
 from lightmem_exp.lit.trainer import make_trainer, resume_path
 from lightmem_exp.logging_utils import make_logger, run_id
@@ -140,6 +148,11 @@ def validate(cfg: DictConfig) -> None:
     if st.reward.answerer == "api" and st.reward.mode == "local":
         for key in ("base_url", "model"):
             require(cfg, w + "api." + key, lambda v: isinstance(v, str) and v, "set when reward.answerer=api")
+    require_all(cfg, s, [  # the API clients' settings, checked even when unused so a later switch cannot fail late
+        ("expert.api.timeout_s", positive, "a number > 0"),
+        ("expert.api.temperature", non_negative, "a number >= 0"),
+        ("reward.api.timeout_s", positive, "a number > 0"),
+    ])
     h = s + "heldout."
     require(cfg, h + "split", lambda v: v in ("train", "val", "test"), "'train', 'val' or 'test'")
     require(cfg, h + "max_conversations", _int(1), "an integer >= 1")
@@ -363,14 +376,13 @@ def run(cfg: DictConfig) -> StageResult:
                                    warmup_ratio=st.sft.warmup_ratio, groups=("expert",))
         ds = ChatSftDataset(sft_rows, ("expert",))
         pad_id = tokenizer.pad_token_id
-        loader = DataLoader(ds, batch_size=st.sft.batch_size, shuffle=True,
-                            collate_fn=lambda b: ds.collate(b, pad_id),
-                            generator=torch.Generator().manual_seed(cfg.seed))
+        loader = ResumableLoader(ds, batch_size=st.sft.batch_size, shuffle=True, seed=cfg.seed,
+                                 collate_fn=lambda b: ds.collate(b, pad_id))
         trainer = make_trainer(cfg, sdir / "warmup", max_epochs=st.sft.max_epochs, logger=logger,
                                gradient_clip_val=st.sft.gradient_clip_val)
         sft_module.train()
         trainer.fit(sft_module, train_dataloaders=loader, ckpt_path=resume_path(cfg, sdir / "warmup"))
-        warm_loss = trainer.callback_metrics.get("train/loss")
+        warm_loss = sft_module.last_train_loss  # also after a resume that found the warm start finished
         if device is not None:
             model.to(device)
     else:
@@ -422,7 +434,9 @@ def run(cfg: DictConfig) -> StageResult:
     metrics.update(qa_acc({c: MemoryStore.from_snapshot(trajectories[c].states["final"], search_mode=st.memory.search,
                                                         embedder=embedder) for c in held_convs}, "expert"))
     metrics.update(heldout("sft"))
-    sft_adapter = save_adapter(model, sdir / "export" / "adapter_sft")
+    sft_adapter = sdir / "export" / "adapter_sft"
+    with atomic_dir(sft_adapter) as tmp:
+        save_adapter(model, tmp)
     t = _phase(seconds, "heldout_sft", t)
 
     # 4. ADRPO
@@ -452,7 +466,7 @@ def run(cfg: DictConfig) -> StageResult:
         random.Random(f"{cfg.seed}:adrpo:rl").shuffle(order)
         need = steps * st.rl.chunks_per_step
         schedule = [items[order[i % len(order)]] for i in range(need)]  # cycles when there are fewer chunks
-        loader = DataLoader(schedule, batch_size=st.rl.chunks_per_step, shuffle=False, collate_fn=list)
+        loader = ResumableLoader(schedule, batch_size=st.rl.chunks_per_step, shuffle=False, collate_fn=list)
         trainer = make_trainer(cfg, sdir / "rl", max_epochs=1, logger=logger,
                                ckpt_every_n_steps=st.rl.ckpt_every_n_steps, gradient_clip_val=None)
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path(cfg, sdir / "rl"))
@@ -488,7 +502,9 @@ def run(cfg: DictConfig) -> StageResult:
 
     manifest = None
     if getattr(module, "_trainer", None) is None or module.trainer.is_global_zero:
-        adapter = save_adapter(model, sdir / "export" / "adapter")
+        adapter = sdir / "export" / "adapter"
+        with atomic_dir(adapter) as tmp:
+            save_adapter(model, tmp)
         write_jsonl(sdir / "rl_steps.jsonl", module.history)
         if logger is not None:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "headline"})

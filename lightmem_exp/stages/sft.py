@@ -32,11 +32,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from lightmem_exp.artifacts import Manifest, read_json, read_jsonl, write_json, write_jsonl, write_manifest
+from lightmem_exp.artifacts import (
+    Manifest,
+    atomic_dir,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
 from lightmem_exp.backends.local_hf_lora import HFChatGenerator, LocalHFLoraBackend, LocalHFLoraConfig
 from lightmem_exp.config import positive, require
 from lightmem_exp.data.chat_sft import MASK_METHODS, ChatSftDataset, encode_rows
 from lightmem_exp.errors import ConfigError, LmxError
+from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.sft import (
     ChatSftModule,
     fact_qa_scores,
@@ -242,9 +251,8 @@ def run(cfg: DictConfig) -> StageResult:
                            groups=GROUPS)
     train_ds, val_ds = ChatSftDataset(train, GROUPS), ChatSftDataset(val, GROUPS)
     loaders = {
-        "train_dataloaders": DataLoader(train_ds, batch_size=st.batch_size, shuffle=True,
-                                        collate_fn=lambda b: train_ds.collate(b, pad_id),
-                                        generator=torch.Generator().manual_seed(cfg.seed)),
+        "train_dataloaders": ResumableLoader(train_ds, batch_size=st.batch_size, shuffle=True, seed=cfg.seed,
+                                             collate_fn=lambda b: train_ds.collate(b, pad_id)),
         "val_dataloaders": DataLoader(val_ds, batch_size=ev.batch_size, shuffle=False,
                                       collate_fn=lambda b: val_ds.collate(b, pad_id)),
     }
@@ -268,7 +276,9 @@ def run(cfg: DictConfig) -> StageResult:
 
     manifest = None
     if trainer.is_global_zero:
-        adapter_dir = save_adapter(model, sdir / "export" / "adapter")
+        adapter_dir = sdir / "export" / "adapter"
+        with atomic_dir(adapter_dir) as tmp:
+            save_adapter(model, tmp)
         backend_cfg = {"base_model": str(model.peft_config["default"].base_model_name_or_path),
                        "adapter_path": str(adapter_dir.resolve()), "device_map": "auto",
                        "torch_dtype": str(cfg.model.torch_dtype), "max_seq_len": int(st.max_seq_len),

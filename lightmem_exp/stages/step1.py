@@ -5,17 +5,26 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
-from lightmem_exp.artifacts import Manifest, read_json, read_jsonl, write_json, write_jsonl, write_manifest
-from lightmem_exp.config import positive, require
+from lightmem_exp.artifacts import (
+    Manifest,
+    atomic_dir,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
+from lightmem_exp.config import INT1, OPT_INT1, OPT_POSITIVE, int_at_least, is_bool, positive, require, require_all
 from lightmem_exp.data.recall_queries import RecallQueryDataset, collate_queries, think_query_ids, user_query_ids
 from lightmem_exp.data.sft_sampling import draw_within_limit, think_segments
 from lightmem_exp.errors import LmxError
+from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.step1 import RecallQueryModule
 from lightmem_exp.lit.trainer import make_trainer, resume_path
 from lightmem_exp.logging_utils import make_logger, run_id
@@ -49,6 +58,15 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, s + "max_query_tokens", lambda v: isinstance(v, int) and v >= 8, "an integer >= 8")
     require(cfg, "data.max_memories", lambda v: isinstance(v, int) and v >= 1, "null or an integer >= 1",
             allow_none=True)
+    require(cfg, "data.write_splits", lambda v: len(v) > 0 and len(set(v)) == len(v)
+            and set(v) <= {"train", "val", "test"}, "a non-empty list of distinct splits among train, val, test")
+    require_all(cfg, s, [
+        ("bank_batch_size", *INT1),
+        ("eval_ks", lambda v: len(v) > 0 and all(int_at_least(1)(k) for k in v), "a non-empty list of integers >= 1"),
+        ("ckpt_every_n_steps", *OPT_INT1),
+        ("gradient_clip_val", *OPT_POSITIVE),
+        ("refresh_keys", is_bool, "true or false"),
+    ])
 
 
 def select_written_memories(memories: list[dict], pairs: list[dict], train_convs: set[str], cap: int | None,
@@ -59,6 +77,34 @@ def select_written_memories(memories: list[dict], pairs: list[dict], train_convs
     chosen = [m for m in memories if m["conv_id"] in train_convs and m["id"] in wanted]
     if cap is not None and len(chosen) > cap:
         chosen = sorted(random.Random(seed).sample(chosen, cap), key=lambda m: m["id"])
+    return chosen
+
+
+def written_memories(memories: list[dict], pairs: list[dict], splits: dict[str, list[str]],
+                     write_splits: list[str], cap: int | None, seed: int) -> list[dict]:
+    """Every memory step2 writes into the model, tagged with its split: train-split memories that answer a train
+    pair (step1's query training targets) plus the memories of the other `write_splits` conversations.
+
+    Writing an eval conversation's memories is the recall model's analogue of indexing it for RAG: step2 learns to
+    decode their text from their vectors and never sees a question, so only memory text (what RAG is given too)
+    crosses the split. Eval memories are sampled without looking at the questions. `cap` is shared evenly
+    between the write splits (a split with fewer memories leaves its share to the others).
+    """
+    pools: dict[str, list[dict]] = {}
+    for split in write_splits:
+        convs = set(splits[split])
+        pools[split] = (select_written_memories(memories, pairs, convs, None, seed) if split == "train"
+                        else [m for m in memories if m["conv_id"] in convs])
+    quota = {s: len(p) for s, p in pools.items()}
+    if cap is not None:
+        quota = dict.fromkeys(pools, 0)
+        for _ in range(min(cap, sum(map(len, pools.values())))):
+            open_splits = [s for s in pools if quota[s] < len(pools[s])]
+            quota[min(open_splits, key=quota.get)] += 1
+    chosen = []
+    for split, pool in pools.items():
+        picked = pool if quota[split] >= len(pool) else random.Random(f"{seed}/{split}").sample(pool, quota[split])
+        chosen += [{**m, "split": split} for m in sorted(picked, key=lambda m: m["id"])]
     return chosen
 
 
@@ -91,7 +137,8 @@ def run(cfg: DictConfig) -> StageResult:
     pad_id, bs, ks, mq = tokenizer.pad_token_id, st.batch_size, list(st.eval_ks), st.max_query_tokens
     train_convs, val_convs = set(splits["train"]), set(splits["val"])
 
-    written = select_written_memories(memories, pairs, train_convs, cfg.data.max_memories, cfg.seed)
+    written = written_memories(memories, pairs, splits, list(cfg.data.write_splits), cfg.data.max_memories,
+                               cfg.seed)
     if not written:
         raise LmxError(f"no memories to train on: the train split of {data.dir} has no recall pairs")
     segments = think_segments(pool)
@@ -138,9 +185,8 @@ def run(cfg: DictConfig) -> StageResult:
         metrics.update({f"untrained/{k}": v for k, v in recall_metrics(module, val_rows, bank, pad_id, bs, ks).items()})
 
     logger = make_logger(cfg, sdir)
-    loader = DataLoader(RecallQueryDataset(train_rows), batch_size=bs, shuffle=True,
-                        collate_fn=lambda rows: collate_queries(rows, pad_id),
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = ResumableLoader(RecallQueryDataset(train_rows), batch_size=bs, shuffle=True, seed=cfg.seed,
+                             collate_fn=lambda rows: collate_queries(rows, pad_id))
     trainer = make_trainer(cfg, sdir, max_epochs=st.max_epochs, logger=logger,
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
     module.train()  # from_pretrained returns eval mode and Lightning keeps it: gradient checkpointing would be off
@@ -160,10 +206,12 @@ def run(cfg: DictConfig) -> StageResult:
 
     manifest = None
     if trainer.is_global_zero:
-        bank.save(sdir / "bank")
-        save_adapter(model, sdir / "adapter")
-        tokenizer.save_pretrained(str(sdir / "tokenizer"))
-        write_jsonl(sdir / "written_memories.jsonl", ({"id": m["id"], "text": m["text"]} for m in written))
+        for name, save in (("bank", bank.save), ("adapter", lambda d: save_adapter(model, d)),
+                           ("tokenizer", lambda d: tokenizer.save_pretrained(str(d)))):
+            with atomic_dir(sdir / name) as tmp:
+                save(tmp)
+        write_jsonl(sdir / "written_memories.jsonl",
+                    ({k: m[k] for k in ("id", "text", "conv_id", "split")} for m in written))
         write_json(sdir / "sft_draw.json", {"pool_indices": [[s["pool_index"], s["turn"]] for s in draw.items],
                                             "skipped_too_long": draw.skipped_too_long})
         if logger is not None:
@@ -172,6 +220,7 @@ def run(cfg: DictConfig) -> StageResult:
             stage="step1", seed=cfg.seed, metrics=metrics, run_id=run_id(logger), inputs={"data": data.ref()},
             outputs={"bank": "bank", "adapter": "adapter", "tokenizer": "tokenizer", "written_memories": "written_memories.jsonl", "sft_draw": "sft_draw.json"},
             stats={"train_queries": len(train_rows), "train_keys": len(key_ids), "written_memories": len(written),
+                   "written_per_split": dict(Counter(m["split"] for m in written)),
                    "think_samples": len(draw.items),
                    "val_questions": len(val_rows), "bank_size": len(bank), "memory_tokens_added": tok_ids.added,
                    "bank_vectors": "re-encoded by the trained model" if st.refresh_keys else "frozen base model"},

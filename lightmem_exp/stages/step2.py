@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightmem_exp.artifacts import Manifest, load_manifest, read_json, read_jsonl, write_jsonl, write_manifest
-from lightmem_exp.config import positive, require
+from lightmem_exp.artifacts import (
+    Manifest,
+    atomic_dir,
+    load_manifest,
+    read_json,
+    read_jsonl,
+    write_jsonl,
+    write_manifest,
+)
+from lightmem_exp.config import OPT_INT1, OPT_POSITIVE, positive, require, require_all
 from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset, build_sft_only
 from lightmem_exp.data.sft_sampling import draw_within_limit
 from lightmem_exp.errors import LmxError
@@ -70,7 +79,12 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, s + "recall_test.prompt", lambda v: isinstance(v, str), "a string")
     require(cfg, s + "demo_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     require(cfg, s + "demo_max_new_tokens", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    validate_lora_cfg(lora_config(cfg))
+    require_all(cfg, s, [
+        ("recall_test.max_new_tokens", *OPT_INT1),
+        ("ckpt_every_n_steps", *OPT_INT1),
+        ("gradient_clip_val", *OPT_POSITIVE),
+    ])
+    validate_lora_cfg(lora_config(cfg), "stage.lora." if OmegaConf.select(cfg, "stage.lora") is not None else "lora.")
 
 
 def lora_config(cfg: DictConfig) -> DictConfig:
@@ -107,7 +121,9 @@ def run(cfg: DictConfig) -> StageResult:
     step1 = load_upstream(cfg, "step1")
     data = load_data_manifest(cfg, step1)
     pool = read_jsonl(data.path("sft_pool"))
-    written = [{"id": m["id"], "text": m["text"]} for m in read_jsonl(step1.path("written_memories"))]
+    # Rows without a split come from a step1 that wrote train-split memories only.
+    written = [{"id": m["id"], "text": m["text"], "split": m.get("split", "train")}
+               for m in read_jsonl(step1.path("written_memories"))]
     if not written:
         raise LmxError(f"{step1.path('written_memories')}: no memories to write")
 
@@ -186,16 +202,25 @@ def run(cfg: DictConfig) -> StageResult:
                                       memory_pad_id=tok_ids.memory_pad, marker_ids=marker_ids,
                                       max_new_tokens=max_new)
     metrics.update({f"recall/{k}": v for k, v in scores.items()})
+    split_of = {m["id"]: m["split"] for m in written}
+    for row in recall_rows:
+        row["split"] = split_of[row["id"]]
+    for split in sorted(set(split_of.values())):
+        rows = [r for r in recall_rows if r["split"] == split]
+        for key in ("exact_match", "token_f1"):
+            metrics[f"recall/{split}/{key}"] = sum(r[key] for r in rows) / len(rows)
     metrics["headline"] = metrics["recall/exact_match"]
     write_jsonl(sdir / "recall.jsonl", recall_rows)
 
     export = sdir / "export"
-    save_adapter(model, export / "adapter")
+    with atomic_dir(export / "adapter") as tmp:
+        save_adapter(model, tmp)
     del module, model, trainer
     merged_dir = export_merged(cfg, export / "adapter", tokenizer, export / "model")
     bank_out = MemoryBank(bank.vectors[bank_rows], [bank.entries[i] for i in bank_rows],
                           embed_scale=bank.embed_scale, model_name=bank.model_name, normalize=False)
-    bank_out.save(export / "bank")
+    with atomic_dir(export / "bank") as tmp:
+        bank_out.save(tmp)
     demo = run_demo(merged_dir, export / "bank", read_jsonl(data.path("recall_pairs")), read_json(data.path("splits")),
                     st, cfg.seed)
     write_jsonl(sdir / "demo.jsonl", demo)
@@ -211,11 +236,12 @@ def run(cfg: DictConfig) -> StageResult:
         outputs={"model": "export/model", "tokenizer": "export/model", "bank": "export/bank",
                  "adapter": "export/adapter", "epoch_draws": DRAWS_FILE, "recall": "recall.jsonl",
                  "demo": "demo.jsonl"},
-        stats={"written_memories": len(written), "samples_per_epoch": len(dataset),
+        stats={"written_memories": len(written),
+               "written_per_split": dict(Counter(m["split"] for m in written)), "samples_per_epoch": len(dataset),
                "memory_full_with_think_last_epoch": record.get("memory_full_with_think"),
                "guard_conversations": len(guard), "trainable_token_rows": len(token_rows),
                "end_marker": st.end_marker, "recall_test_history": recall_cb.history,
-               "bank": "written memories only (step1 vectors)", "lora": OmegaConf.to_container(lora_config(cfg))},
+               "bank": "written memories only (step1 vectors), every write split", "lora": OmegaConf.to_container(lora_config(cfg))},
     )
     write_manifest(sdir, manifest)
     return StageResult(stage="step2", dir=sdir, manifest=manifest, metrics=metrics, headline=metrics["headline"])
@@ -226,8 +252,9 @@ def export_merged(cfg: DictConfig, adapter_dir: Path, tokenizer, out_dir: Path) 
     base = load_model(cfg.model, cfg.paths.data)
     ensure_memory_tokens(base, load_tokenizer(cfg.model, cfg.paths.data))
     merged = load_adapter(base, adapter_dir, cfg.model).merge_and_unload()
-    merged.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     return out_dir
 
 

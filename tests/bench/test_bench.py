@@ -99,14 +99,50 @@ def test_markdown_lists_unbuilt_rows_without_numbers_and_explains_failures():
 
 def test_markdown_renders_the_capacity_curve():
     curve = {"name": "recall/capacity", "vectors": "base-model last-token states", "all_train_split_memories": 9,
-             "budget": {"optimizer_steps": 5, "batch_size": 2},
-             "sft_pool": {"conversations": 10, "within_sft_max_tokens": 6, "largest_N": 4},
-             "points": [{"N": 4, "measured": True, "exact_match": 0.25, "token_f1": 0.5, "steps": 5,
-                         "samples_trained": 10, "tokens_trained": 321, "epochs": 1.67, "pool_max": True},
-                        {"N": 9, "measured": False, "reason": "pool | too small"}]}
+             "budget": {"optimizer_steps": 5, "batch_size": 2}, "stage": {"sft_ratio": 1.5},
+             "sft_pool": {"conversations": 10, "within_sft_max_tokens": 6},
+             "points": [{"N": 4, "measured": True, "sft_ratio": 1.5, "exact_match": 0.25, "token_f1": 0.5, "steps": 5,
+                         "samples_trained": 10, "memory_samples": 7, "per_memory": 1.75, "tokens_trained": 321,
+                         "epochs": 1.67, "train_s": 3.2, "eval_s": 0.4},
+                        {"N": 9, "measured": False, "sft_ratio": 0.667, "reason": "pool | too small"}]}
     md = render_markdown([], curves=[curve])
-    assert "## recall/capacity" in md and "| 4 (largest the pool allows) | 0.250 | 0.500 | 5 | 10 | 321 | 1.67 |" in md
-    assert "| 9 | not measured: pool \\| too small |" in md and "enough for N <= 4" in md
+    assert "## recall/capacity" in md and "5 optimizer steps x 2 samples = 10 samples" in md
+    assert "| 4 | 1.500 | 0.250 | 0.500 | 5 | 10 | 1.75 | 321 | 3 s / 0 s |" in md
+    assert "| 9 | 0.667 | not measured: pool \\| too small |" in md and "min(1.5, 6 / N)" in md
+
+
+@pytest.mark.parametrize(("n", "fitting", "expected"), [
+    (64, 335, 1.5), (256, 335, 335 / 256), (1024, 335, 335 / 1024), (1670, 335, 335 / 1670), (10, 0, 0.0)])
+def test_pool_ratio_is_the_largest_ratio_the_pool_can_draw(n, fitting, expected):
+    from lightmem_exp.bench.train_cases import pool_ratio
+
+    r = pool_ratio(n, fitting, 1.5)
+    assert r == pytest.approx(expected) and math.ceil(n * r) <= fitting
+    assert all(math.ceil(n * pool_ratio(n, f, 1.5)) <= f for n in (3, 7, 223, 999) for f in (1, 5, 334, 2000))
+
+
+def test_the_stage_dataset_still_refuses_a_short_pool_at_the_stage_ratio(small_model_cfg, data_root):
+    """The bench lowers sft_ratio per N; the dataset itself keeps its error (and draws at the lowered ratio)."""
+    from lightmem_exp.bench.train_cases import pool_ratio
+    from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset
+    from lightmem_exp.errors import LmxError
+    from lightmem_exp.models.loading import load_tokenizer
+
+    tok = load_tokenizer(small_model_cfg, data_root)
+    pool = [{"index": i, "has_think": False, "messages": [{"role": "user", "content": f"Hi {i}"},
+                                                          {"role": "assistant", "content": "Hello."}]}
+            for i in range(6)]
+    memories = [{"id": f"m{i}", "text": f"Alice adopted dog number {i}."} for i in range(8)]
+
+    def dataset(ratio):
+        return MixedMemorySFTDataset(tok, pool, memories, recall_id=tok.convert_tokens_to_ids("<recall>"),
+                                     memory_pad_id=tok.convert_tokens_to_ids("<|memory_pad|>"), end_marker="</memory>",
+                                     sft_ratio=ratio, sft_max_tokens=96, seed=0)
+
+    with pytest.raises(LmxError, match="needed 12 items"):
+        dataset(1.5).refresh_epoch_data(0)
+    record = dataset(pool_ratio(len(memories), len(pool), 1.5)).refresh_epoch_data(0)
+    assert record["samples"] == 6 and sum(len(v) for v in record["memory_ids"].values()) == 4
 
 
 # ---- timing harness (counts calls, never times) ---------------------------------------------------------------
@@ -201,7 +237,7 @@ def test_quick_run_writes_rows_and_table(tmp_path, data_root):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(rows))
     names = [r["name"] for r in saved]
-    assert names[:2] == ["G1", "G2"] and names[-1] == "G8" and "G3 linear" in names
+    assert names[:2] == ["G1", "G2"] and names[-2:] == ["G8", "G8 index+query"] and "G3 linear" in names
     assert not set(NOT_BUILT) & set(names)  # not measured: not written
     for row in saved:
         assert row["repeats"] == 2 and isinstance(row["pass"], bool) and row["ratio"] > 0
@@ -219,6 +255,7 @@ def test_quick_run_writes_rows_and_table(tmp_path, data_root):
     curve = json.loads((tmp_path / "capacity.json").read_text())
     assert [p["N"] for p in curve["points"]] == [4, 8] and all(p["measured"] for p in curve["points"])
     assert len({p["steps"] for p in curve["points"]}) == 1                 # the same budget for every N
+    assert all(p["sft_ratio"] == 1.5 and 0 <= p["exact_match"] <= 1 for p in curve["points"])
     assert "## recall/capacity" in md
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["quick"] is True and run["torch_threads"] == 2

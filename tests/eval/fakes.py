@@ -68,7 +68,7 @@ def make_sft(sdir: Path, cfg: DictConfig) -> Manifest:
 
 def make_step1_step2(root: Path, cfg: DictConfig, memories: list[dict], written: int = 2) -> tuple[Path, Path]:
     """step1 (a bank of every memory) and step2 (a merged-model export, its tokenizer, and the bank of the first
-    `written` memories) dirs; the step2 manifest names the step1 one, as the real stage's does."""
+    `written` memories of every conversation) dirs; the step2 manifest names the step1 one, as the real stage's does."""
     tok = load_tokenizer(cfg.model, cfg.paths.data)
     model = load_model(cfg.model, cfg.paths.data)
     ensure_memory_tokens(model, tok)
@@ -81,7 +81,8 @@ def make_step1_step2(root: Path, cfg: DictConfig, memories: list[dict], written:
     export = step2 / "export"
     model.save_pretrained(str(export / "model"))
     tok.save_pretrained(str(export / "model"))
-    MemoryBank(bank.vectors[:written], bank.entries[:written], embed_scale=bank.embed_scale,
+    keep = [i for i, m in enumerate(memories) if sum(x["conv_id"] == m["conv_id"] for x in memories[:i]) < written]
+    MemoryBank(bank.vectors[keep], [bank.entries[i] for i in keep], embed_scale=bank.embed_scale,
                model_name=bank.model_name, normalize=False).save(export / "bank")
     write_manifest(step2, Manifest(stage="step2", seed=0, inputs={"step1": m1.ref()},
                                    outputs={"model": "export/model", "tokenizer": "export/model",

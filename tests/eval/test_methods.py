@@ -3,6 +3,7 @@ the real writers; plus the prompt builder, the question-likelihood scorer and th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lightmem_exp.artifacts import load_manifest
+from lightmem_exp.errors import UpstreamError
 from lightmem_exp.eval.methods import (
     METHODS,
     SYSTEM_PROMPT,
@@ -129,11 +131,22 @@ def test_recall_reads_the_conversation_bank(env):
         assert a.extra["recalls"] >= 1 and a.extra["recalled_memory_id"] in ids
         assert a.retrieved_memory_ids == a.extra["recall_candidates"] and len(a.retrieved_memory_ids) == 2
         assert a.generated_tokens <= NEW + 4
-    # bank sources: step1 rows of this conversation, the step2 export as is, or encoded by the step2 model
-    assert len(ctx.conversation_bank(conv)) == 4
-    assert len(_ctx(env, recall__bank="export").conversation_bank(conv)) == 2
+        written = {m["id"] for m in conv.memories[:2]}
+        assert a.extra["evidence_in_bank"] == bool(written & set(q["evidence_memory_ids"]))
+    # bank sources: the conversation's memories step2 wrote (export, the default), step1's rows of all of them, or
+    # all of them encoded by the step2 model
+    assert ctx.conversation_bank(conv).ids == [m["id"] for m in conv.memories[:2]]
+    step1 = _ctx(env, recall__bank="step1").conversation_bank(conv)
+    assert len(step1) == 4
     enc = _ctx(env, recall__bank="encode").conversation_bank(conv)
-    assert len(enc) == 4 and torch.allclose(enc.vectors, ctx.conversation_bank(conv).vectors, atol=1e-5)
+    assert len(enc) == 4 and torch.allclose(enc.vectors, step1.vectors, atol=1e-5)
+
+
+def test_recall_export_bank_names_a_conversation_step2_never_wrote(env):
+    conv = env[1]
+    unwritten = dataclasses.replace(conv, conv_id="other", memories=conv.memories[2:])
+    with pytest.raises(UpstreamError, match="step2 wrote no memory of other.*data.write_splits"):
+        _ctx(env).conversation_bank(unwritten)
 
 
 @pytest.mark.slow

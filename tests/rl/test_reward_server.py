@@ -5,14 +5,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from lightmem_exp.errors import LmxError
 from lightmem_exp.memory.store import MemoryStore
-from lightmem_exp.reward_server import RewardServer
 from lightmem_exp.rl.answerers import LocalAnswerer, QAScore, RewardError
 from lightmem_exp.rl.reward_service import InProcessRewards, RemoteRewards, RewardErrorBudget
 
@@ -36,22 +34,6 @@ class Slow:
     def score(self, items):
         time.sleep(self.seconds)
         return [QAScore([False] * len(q), [0.0] * len(q), [0.0] * len(q), [None] * len(q)) for _, q in items]
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def _serve(answerer, **kw) -> str:
-        server = RewardServer(("127.0.0.1", 0), answerer, search_mode="bm25", **kw)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield _serve
-    for s in servers:
-        s.shutdown()
-        s.server_close()
 
 
 def test_round_trip_matches_in_process_scoring(serve):

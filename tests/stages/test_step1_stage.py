@@ -5,11 +5,32 @@ import json
 import pytest
 from safetensors import safe_open
 
+from lightmem_exp.stages.step1 import written_memories
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slow
+
+def _mem(conv: str, i: int) -> dict:
+    return {"id": f"{conv}:m{i}", "conv_id": conv, "text": f"memory {i} of {conv}"}
 
 
+def test_written_memories_shares_the_cap_and_never_reads_eval_questions():
+    memories = [_mem("a", i) for i in range(6)] + [_mem("t", i) for i in range(3)]
+    pairs = [{"conv_id": "a", "memory_ids": ["a:m0", "a:m1", "a:m2", "a:m3"]},
+             {"conv_id": "t", "memory_ids": ["t:m0"]}]  # a test question: must not steer which test memories
+    splits = {"train": ["a"], "val": [], "test": ["t"]}
+    picked = written_memories(memories, pairs, splits, ["train", "test"], 4, seed=0)
+    assert [m["split"] for m in picked] == ["train", "train", "test", "test"]
+    assert {m["id"] for m in picked if m["split"] == "train"} <= {"a:m0", "a:m1", "a:m2", "a:m3"}  # answer a pair
+    # A split with fewer memories than its share leaves the rest to the others; null cap writes everything.
+    assert [m["split"] for m in written_memories(memories, pairs, splits, ["train", "test"], 6, 0)].count("test") == 3
+    every = written_memories(memories, pairs, splits, ["train", "test"], None, 0)
+    assert len(every) == 4 + 3
+    # Test memories are sampled without the questions: the same pick whatever the test pairs say.
+    other = [pairs[0], {"conv_id": "t", "memory_ids": ["t:m2"]}]
+    assert written_memories(memories, other, splits, ["train", "test"], 4, 0) == picked
+
+
+@pytest.mark.slow
 def test_step1_trains_and_writes_manifest(tmp_path, small_locomo):
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=8"]
     r = run_cli("stage=data", *common, cwd=tmp_path)
@@ -23,6 +44,10 @@ def test_step1_trains_and_writes_manifest(tmp_path, small_locomo):
         assert 0.0 <= m["metrics"][key] <= 1.0, key
     assert m["inputs"]["data"]["stage"] == "data"
     assert m["stats"]["written_memories"] == 8 and m["stats"]["think_samples"] == 12
+    assert m["stats"]["written_per_split"] == {"train": 4, "test": 4}  # data.write_splits shares the cap evenly
+    written = [json.loads(x) for x in (sdir / "written_memories.jsonl").read_text().splitlines()]
+    splits = json.loads((tmp_path / "outputs" / "default" / "data" / "splits.json").read_text())
+    assert all(w["conv_id"] in splits[w["split"]] for w in written)
     bank = json.loads((sdir / "bank" / "bank.json").read_text())
     assert bank["count"] == len((tmp_path / "outputs" / "default" / "data" / "memories.jsonl").read_text().splitlines())
     with safe_open(str(sdir / "adapter" / "adapter_model.safetensors"), "pt") as f:
