@@ -31,12 +31,13 @@ from lightmem_exp.artifacts import (
     write_jsonl,
     write_manifest,
 )
-from lightmem_exp.config import OPT_INT1, OPT_POSITIVE, positive, require, require_all
+from lightmem_exp.config import OPT_INT1, OPT_POSITIVE, int_at_least, is_bool, positive, require, require_all
 from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset, build_sft_only
 from lightmem_exp.data.sft_sampling import draw_within_limit
-from lightmem_exp.errors import LmxError
+from lightmem_exp.errors import ConfigError, LmxError
 from lightmem_exp.lit.recall_test import RecallTestCallback, recall_eval, recall_prompt_ids
 from lightmem_exp.lit.step2 import DRAWS_FILE, MixedMemoryModule, memory_vocab_ids, sft_perplexity, start_from_step1
+from lightmem_exp.lit.step2_packed import PackedMixedMemoryModule
 from lightmem_exp.lit.trainer import make_trainer, resume_path
 from lightmem_exp.logging_utils import make_logger, run_id
 from lightmem_exp.models.chat import chat_token_ids
@@ -80,10 +81,17 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, s + "demo_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     require(cfg, s + "demo_max_new_tokens", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
     require_all(cfg, s, [
+        ("packing.enabled", is_bool, "true or false"),
+        ("packing.max_tokens", int_at_least(2), "null or an integer >= 2", True),
+        ("packing.flatten", is_bool, "true or false"),
         ("recall_test.max_new_tokens", *OPT_INT1),
         ("ckpt_every_n_steps", *OPT_INT1),
         ("gradient_clip_val", *OPT_POSITIVE),
     ])
+    attn = str(OmegaConf.select(cfg, "model.attn_implementation", default=None) or "")
+    if cfg.stage.packing.enabled and not cfg.stage.packing.flatten and "flash" in attn:
+        raise ConfigError("stage.packing.flatten", f"model.attn_implementation={attn} keeps packed samples apart only "
+                          "in one flattened row: set stage.packing.flatten=true")
     validate_lora_cfg(lora_config(cfg), "stage.lora." if OmegaConf.select(cfg, "stage.lora") is not None else "lora.")
 
 
@@ -180,10 +188,12 @@ def run(cfg: DictConfig) -> StageResult:
                                    memory_pad_id=tok_ids.memory_pad, marker_ids=marker_ids, max_new_tokens=max_new,
                                    every_n_epochs=st.recall_test.every_n_epochs)
 
-    module = MixedMemoryModule(model, dataset, vectors, pad_id=pad_id, memory_pad_id=tok_ids.memory_pad,
-                               batch_size=st.batch_size, lr=st.lr, weight_decay=st.weight_decay,
-                               warmup_ratio=st.warmup_ratio, loss_reduction=st.loss_reduction,
-                               draws_path=sdir / DRAWS_FILE)
+    packed = {"pack_max_tokens": st.packing.max_tokens, "pack_flatten": st.packing.flatten}
+    module_cls, extra = (PackedMixedMemoryModule, packed) if st.packing.enabled else (MixedMemoryModule, {})
+    module = module_cls(model, dataset, vectors, pad_id=pad_id, memory_pad_id=tok_ids.memory_pad,
+                        batch_size=st.batch_size, lr=st.lr, weight_decay=st.weight_decay,
+                        warmup_ratio=st.warmup_ratio, loss_reduction=st.loss_reduction,
+                        draws_path=sdir / DRAWS_FILE, **extra)
     logger = make_logger(cfg, sdir)
     trainer = make_trainer(cfg, sdir, max_epochs=st.max_epochs, logger=logger, callbacks=[recall_cb],
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
@@ -240,7 +250,7 @@ def run(cfg: DictConfig) -> StageResult:
                "written_per_split": dict(Counter(m["split"] for m in written)), "samples_per_epoch": len(dataset),
                "memory_full_with_think_last_epoch": record.get("memory_full_with_think"),
                "guard_conversations": len(guard), "trainable_token_rows": len(token_rows),
-               "end_marker": st.end_marker, "recall_test_history": recall_cb.history,
+               "end_marker": st.end_marker, "packing": OmegaConf.to_container(st.packing), "recall_test_history": recall_cb.history,
                "bank": "written memories only (step1 vectors), every write split", "lora": OmegaConf.to_container(lora_config(cfg))},
     )
     write_manifest(sdir, manifest)

@@ -306,6 +306,7 @@ BAD_CONFIG = [  # (stage, override, the key the error names)
     ("step2", "stage.batch_size=-8", "stage.batch_size"),
     ("step2", "stage.max_epochs=0", "stage.max_epochs"),
     ("step2", "stage.ckpt_every_n_steps=0", "stage.ckpt_every_n_steps"),
+    ("step2", "stage.packing.max_tokens=1", "stage.packing.max_tokens"),
     ("step2", "stage.recall_test.max_new_tokens=0", "stage.recall_test.max_new_tokens"),
     ("step2", "stage.lora.r=0", "stage.lora.r"),
     ("sft", "stage.lr=-1e-3", "stage.lr"),
@@ -336,6 +337,13 @@ def test_out_of_range_config_is_rejected_naming_the_key(make_cfg, stage, overrid
     piped = override.replace("stage.", f"stage.stages.{stage}.", 1)  # the pipeline checks every sub-stage too
     with pytest.raises(ConfigError, match=re.escape(f"config '{key}': ")):
         validate(make_cfg(piped))
+
+
+def test_step2_packing_under_flash_attention_needs_one_flattened_row(make_cfg):
+    flash = ["stage=step2", "stage.packing.enabled=true", "model.attn_implementation=flash_attention_2"]
+    with pytest.raises(ConfigError, match=re.escape("config 'stage.packing.flatten': ")):
+        validate(make_cfg(*flash))
+    validate(make_cfg(*flash, "stage.packing.flatten=true"))
 
 
 def test_rejected_config_loads_no_model_and_creates_no_stage_dir(make_cfg, tmp_path, monkeypatch):

@@ -47,3 +47,14 @@ def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
     assert (sdir / "export" / "adapter" / "adapter_config.json").exists()
     demo = [json.loads(x) for x in (sdir / "demo.jsonl").read_text().splitlines()]
     assert demo and all(d["recall_trace"] and d["recalled_memory_id"] in bank.ids for d in demo)
+
+
+def test_step2_trains_on_packed_batches(tmp_path, small_locomo):
+    common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=4"]
+    for stage in (["stage=data"], ["stage=step1", "stage.max_epochs=1"],
+                  ["stage=step2", "stage.max_epochs=1", "stage.guard_size=0", "stage.recall_test.sample_size=2",
+                   "stage.demo_size=0", "stage.sft_max_tokens=128", "stage.packing.enabled=true"]):
+        r = run_cli(*stage, *common, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "outputs" / "default" / "step2" / "manifest.json").read_text())
+    assert m["stats"]["packing"]["enabled"] is True and 0.0 <= m["metrics"]["recall/exact_match"] <= 1.0
