@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightmem_exp.artifacts import MANIFEST, load_manifest
 from lightmem_exp.config import save_resolved, validate_common
-from lightmem_exp.errors import LmxError
+from lightmem_exp.errors import ConfigError, LmxError
 from lightmem_exp.logging_utils import finish_loggers
 from lightmem_exp.stages.base import StageResult, stage_dir
 
@@ -166,7 +166,14 @@ def validate(cfg: DictConfig) -> list[str]:
         if unknown:
             raise LmxError(f"stage.order names stages that do not exist: {unknown} (registered: {list(STAGES)})")
         for s in order:
-            STAGES[s].impl.validate(_stage_cfg(cfg, s, True))
+            try:
+                STAGES[s].impl.validate(_stage_cfg(cfg, s, True))
+            except ConfigError as e:
+                if not e.key.startswith("stage."):
+                    raise
+                # the sub-stage sees its own block as `stage`; name the key the user sets on the command line
+                raise ConfigError(f"stage.stages.{s}.{e.key.removeprefix('stage.')}",
+                                  str(e).removeprefix(f"config '{e.key}': ")) from None
         return order
     if name not in STAGES:
         raise LmxError(f"stage '{name}' is not implemented (registered: {list(STAGES)})")

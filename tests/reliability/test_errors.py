@@ -335,7 +335,7 @@ def test_out_of_range_config_is_rejected_naming_the_key(make_cfg, stage, overrid
     with pytest.raises(ConfigError, match=re.escape(f"config '{key}': ")):
         validate(make_cfg(f"stage={stage}", override))
     piped = override.replace("stage.", f"stage.stages.{stage}.", 1)  # the pipeline checks every sub-stage too
-    with pytest.raises(ConfigError, match=re.escape(f"config '{key}': ")):
+    with pytest.raises(ConfigError, match=re.escape(f"config '{key.replace('stage.', f'stage.stages.{stage}.', 1)}': ")):
         validate(make_cfg(piped))
 
 

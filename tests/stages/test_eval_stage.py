@@ -41,7 +41,7 @@ def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
 def test_eval_is_the_last_stage_of_the_pipeline(make_cfg):
     assert validate(make_cfg("stage=eval")) == ["eval"]
     assert validate(make_cfg())[-1] == "eval"
-    with pytest.raises(ConfigError, match="'stage.rag.k'"):
+    with pytest.raises(ConfigError, match="'stage.stages.eval.rag.k'"):
         validate(make_cfg("stage.stages.eval.rag.k=0"))
 
 

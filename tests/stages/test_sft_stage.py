@@ -33,7 +33,7 @@ def test_defaults_validate_alone_in_the_pipeline_and_in_the_7b_preset(make_cfg):
     assert validate(make_cfg("stage=sft")) == ["sft"]
     pipeline = make_cfg()
     assert validate(pipeline) == list(pipeline.stage.order) and "sft" in pipeline.stage.order
-    with pytest.raises(ConfigError, match="'stage.lr'"):
+    with pytest.raises(ConfigError, match="'stage.stages.sft.lr'"):  # the key as the user sets it
         validate(make_cfg("stage.stages.sft.lr=0"))
     preset = make_cfg("stage=sft", "experiment=sft_7b")
     assert preset.model.name == "qwen7b" and preset.quant.mode == "nf4" and preset.lora.r == 16
