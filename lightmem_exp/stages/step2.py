@@ -67,7 +67,7 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, s + "weight_decay", lambda v: v >= 0, "a number >= 0")
     require(cfg, s + "warmup_ratio", lambda v: 0 <= v < 1, "a number in [0, 1)")
     require(cfg, s + "loss_reduction", lambda v: v in ("sample", "token"), "'sample' or 'token'")
-    require(cfg, s + "sft_ratio", lambda v: positive(v) and v >= 1, "a number >= 1 (1.5: every memory once per epoch)")
+    require(cfg, s + "sft_ratio", positive, "a number > 0 (1.5: every memory once per epoch)")
     require(cfg, s + "sft_max_tokens", lambda v: isinstance(v, int) and v >= 8, "an integer >= 8")
     require(cfg, s + "context_max_tokens", lambda v: isinstance(v, int) and v >= 0, "null or an integer >= 0",
             allow_none=True)
