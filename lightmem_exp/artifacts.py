@@ -85,8 +85,8 @@ def read_json(path: str | Path) -> Any:
         raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=e.lineno) from e
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield one dict per non-blank line; a bad line raises DataError with its line number."""
+def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, dict) per non-blank line; a bad line raises DataError with its line number."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
@@ -100,7 +100,13 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
                 raise DataError(path, f"malformed JSON line: {e.msg} (column {e.colno})", line=lineno) from e
             if not isinstance(row, dict):
                 raise DataError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
-            yield row
+            yield lineno, row
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """Yield one dict per non-blank line; a bad line raises DataError with its line number."""
+    for _, row in numbered_jsonl(path):
+        yield row
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -200,6 +200,29 @@ class DataBuild:
         return outputs
 
 
+ROW_SCHEMAS: dict[str, type] = {
+    "memories": MemoryEntry, "qa": QAItem, "sessions": SessionRow, "recall_pairs": RecallPair, "fact_qa": FactQA,
+    "update_decisions": UpdateDecision, "sft_pool": SftSample, "session_qa": SessionQA,
+}
+
+
+def read_artifact(manifest: Any, name: str) -> list[dict]:
+    """The rows of data artifact `name` of a data-stage manifest, each checked for every key of its schema, so a
+    hand-edited file or one from another version of the data stage stops with its file, line and key instead of a
+    KeyError deep inside a later stage."""
+    from lightmem_exp.artifacts import numbered_jsonl
+
+    path, schema = manifest.path(name), ROW_SCHEMAS[name]
+    rows = []
+    for lineno, row in numbered_jsonl(path):
+        missing = [k for k in schema.__required_keys__ if k not in row]
+        if missing:
+            raise DataError(path, f"a {schema.__name__} row lacks {missing} (lightmem_exp/data/schema.py); rebuild "
+                            "it with stage=data", line=lineno, field=missing[0])
+        rows.append(row)
+    return rows
+
+
 def parse_update_decision(text: str) -> dict:
     """Parse and validate an update-decision JSON string; raise ValueError saying what is wrong."""
     try:

@@ -33,14 +33,13 @@ from lightmem_exp.artifacts import (
     Manifest,
     atomic_dir,
     read_json,
-    read_jsonl,
     write_json,
     write_jsonl,
     write_manifest,
 )
 from lightmem_exp.config import non_negative, positive, require, require_all
 from lightmem_exp.data.chat_sft import IGNORE_INDEX, ChatSftDataset, encode_rows
-from lightmem_exp.data.schema import FACT_KINDS
+from lightmem_exp.data.schema import FACT_KINDS, read_artifact
 from lightmem_exp.errors import ConfigError, LmxError
 from lightmem_exp.lit.adrpo import AdrpoModule
 from lightmem_exp.lit.resume import ResumableLoader
@@ -216,7 +215,7 @@ def _service(cfg: DictConfig, sdir: Path, embedder, device: str | None):
 
 
 def _annotations(data, conv_ids: set[str], use_events: bool) -> tuple[dict[str, Annotations], dict]:
-    memories = read_jsonl(data.path("memories"))
+    memories = read_artifact(data, "memories")
     ann = {c: Annotations() for c in conv_ids}
     for m in memories:
         if m["conv_id"] not in ann:
@@ -317,8 +316,8 @@ def run(cfg: DictConfig) -> StageResult:
     t = start = time.perf_counter()
     data = load_upstream(cfg, "data")
     splits = read_json(data.path("splits"))
-    sessions = read_jsonl(data.path("sessions"))
-    qa = read_jsonl(data.path("qa"))
+    sessions = read_artifact(data, "sessions")
+    qa = read_artifact(data, "qa")
     train_convs = sorted(splits["train"])[: st.expert.max_train_conversations]
     held_convs = sorted(splits[st.heldout.split])[: st.heldout.max_conversations]
     if not train_convs or not held_convs:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightmem_exp.artifacts import Manifest, git_sha, load_manifest, read_json, read_jsonl, write_jsonl, write_manifest
+from lightmem_exp.artifacts import Manifest, git_sha, load_manifest, read_json, write_jsonl, write_manifest
 from lightmem_exp.config import positive, require
+from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.errors import ConfigError, UpstreamError
 from lightmem_exp.eval import report
 from lightmem_exp.eval.methods import GROUP_ORDER, METHODS, Conversation, EvalContext, Method, run_method
@@ -145,7 +146,7 @@ def build_conversations(data: Manifest, split: str, cap: int | None, seed: int) 
     if not conv_ids:
         raise UpstreamError(f"{data.path('splits')}: the {split} split has no conversations "
                             "(choose another stage.split, or all)")
-    qa, memories, sessions = (read_jsonl(data.path(k)) for k in ("qa", "memories", "sessions"))
+    qa, memories, sessions = (read_artifact(data, k) for k in ("qa", "memories", "sessions"))
     group = lambda rows: {c: [r for r in rows if r["conv_id"] == c] for c in conv_ids}  # noqa: E731
     by_q, by_m, by_s = group(qa), group(memories), group(sessions)
     return [Conversation(c, by_m[c], by_s[c], select_questions(by_q[c], cap, seed)) for c in conv_ids]
@@ -156,7 +157,7 @@ def build_conversations(data: Manifest, split: str, cap: int | None, seed: int) 
 
 def _update_rows(data: Manifest, convs: list[Conversation], cap: int, seed: int) -> list[dict]:
     ids = {c.conv_id for c in convs}
-    rows = [r for r in read_jsonl(data.path("update_decisions")) if r["conv_id"] in ids]
+    rows = [r for r in read_artifact(data, "update_decisions") if r["conv_id"] in ids]
     if len(rows) > cap:
         rows = sorted(random.Random(f"{seed}:eval:update").sample(rows, cap), key=lambda r: r["id"])
     return rows

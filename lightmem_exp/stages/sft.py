@@ -36,7 +36,6 @@ from lightmem_exp.artifacts import (
     Manifest,
     atomic_dir,
     read_json,
-    read_jsonl,
     write_json,
     write_jsonl,
     write_manifest,
@@ -44,6 +43,7 @@ from lightmem_exp.artifacts import (
 from lightmem_exp.backends.local_hf_lora import HFChatGenerator, LocalHFLoraBackend, LocalHFLoraConfig
 from lightmem_exp.config import positive, require
 from lightmem_exp.data.chat_sft import MASK_METHODS, ChatSftDataset, encode_rows
+from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.errors import ConfigError, LmxError
 from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.sft import (
@@ -165,8 +165,8 @@ def run(cfg: DictConfig) -> StageResult:
     ev = st.eval
     data = load_upstream(cfg, "data")
     splits = {k: set(v) for k, v in read_json(data.path("splits")).items()}
-    rows = {t: read_jsonl(data.path(t)) for t in TASKS}
-    pool = read_jsonl(data.path("sft_pool"))
+    rows = {t: read_artifact(data, t) for t in TASKS}
+    pool = read_artifact(data, "sft_pool")
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
     pad_id = tokenizer.pad_token_id

@@ -15,13 +15,13 @@ from lightmem_exp.artifacts import (
     Manifest,
     atomic_dir,
     read_json,
-    read_jsonl,
     write_json,
     write_jsonl,
     write_manifest,
 )
 from lightmem_exp.config import INT1, OPT_INT1, OPT_POSITIVE, int_at_least, is_bool, positive, require, require_all
 from lightmem_exp.data.recall_queries import RecallQueryDataset, collate_queries, think_query_ids, user_query_ids
+from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.data.sft_sampling import draw_within_limit, think_segments
 from lightmem_exp.errors import LmxError
 from lightmem_exp.lit.resume import ResumableLoader
@@ -126,10 +126,10 @@ def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank
 def run(cfg: DictConfig) -> StageResult:
     sdir, st = Path(cfg.runtime.stage_dir), cfg.stage
     data = load_upstream(cfg, "data")
-    memories = read_jsonl(data.path("memories"))
-    pairs = read_jsonl(data.path("recall_pairs"))
+    memories = read_artifact(data, "memories")
+    pairs = read_artifact(data, "recall_pairs")
     splits = read_json(data.path("splits"))
-    pool = read_jsonl(data.path("sft_pool"))
+    pool = read_artifact(data, "sft_pool")
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
     model = load_model(cfg.model, cfg.paths.data, quant_cfg=cfg.quant)

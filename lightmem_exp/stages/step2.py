@@ -33,6 +33,7 @@ from lightmem_exp.artifacts import (
 )
 from lightmem_exp.config import OPT_INT1, OPT_POSITIVE, int_at_least, is_bool, positive, require, require_all
 from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset, build_sft_only
+from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.data.sft_sampling import draw_within_limit
 from lightmem_exp.errors import ConfigError, LmxError
 from lightmem_exp.lit.recall_test import RecallTestCallback, recall_eval, recall_prompt_ids
@@ -128,7 +129,7 @@ def run(cfg: DictConfig) -> StageResult:
     sdir, st = Path(cfg.runtime.stage_dir), cfg.stage
     step1 = load_upstream(cfg, "step1")
     data = load_data_manifest(cfg, step1)
-    pool = read_jsonl(data.path("sft_pool"))
+    pool = read_artifact(data, "sft_pool")
     # Rows without a split come from a step1 that wrote train-split memories only.
     written = [{"id": m["id"], "text": m["text"], "split": m.get("split", "train")}
                for m in read_jsonl(step1.path("written_memories"))]
@@ -231,7 +232,7 @@ def run(cfg: DictConfig) -> StageResult:
                           embed_scale=bank.embed_scale, model_name=bank.model_name, normalize=False)
     with atomic_dir(export / "bank") as tmp:
         bank_out.save(tmp)
-    demo = run_demo(merged_dir, export / "bank", read_jsonl(data.path("recall_pairs")), read_json(data.path("splits")),
+    demo = run_demo(merged_dir, export / "bank", read_artifact(data, "recall_pairs"), read_json(data.path("splits")),
                     st, cfg.seed)
     write_jsonl(sdir / "demo.jsonl", demo)
     if demo:

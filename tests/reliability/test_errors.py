@@ -62,13 +62,26 @@ def test_malformed_dataset_json_stops_the_cli_naming_file_and_line(tmp_path):
 
 
 def test_malformed_inter_stage_jsonl_stops_the_next_stage_naming_file_and_line(make_cfg, tmp_path):
-    memory = {"id": "m1", "conv_id": "c", "text": "Alice has a dog."}
+    memory = {"id": "m1", "conv_id": "c", "text": "Alice has a dog.", "speaker": "Alice", "timestamp": None,
+              "session": 1, "kind": "observation", "source_dia_ids": ["D1:1"], "merged_ids": []}
     data = _stage_dir(tmp_path / "up", "data", {
         "memories.jsonl": json.dumps(memory) + '\n{"id": "m2", "text": oops}\n',
         "recall_pairs.jsonl": [], "sft_pool.jsonl": [], "splits.json": {"train": ["c"], "val": [], "test": []}})
     with pytest.raises(DataError) as e:  # an LmxError: the CLI prints it and exits 2 (the CLI tests here show that)
         run(make_cfg("stage=step1", f"stage.inputs.data={data}", *QUIET))
     assert str(e.value).startswith(f"{data / 'memories.jsonl'}:2: malformed JSON line") and e.value.line == 2
+
+
+def test_an_inter_stage_row_missing_a_schema_key_names_file_line_and_key(make_cfg, tmp_path, small_locomo):
+    run(make_cfg("stage=data", f"data.path={small_locomo}", *QUIET))
+    data = tmp_path / "outputs" / "default" / "data"
+    lines = (data / "memories.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    del row["kind"]
+    (data / "memories.jsonl").write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
+    with pytest.raises(DataError) as e:
+        run(make_cfg("stage=step1", *QUIET))
+    assert str(e.value).startswith(f"{data / 'memories.jsonl'}:2: field 'kind': a MemoryEntry row lacks ['kind']")
 
 
 def test_sft_jsonl_errors_name_the_line_and_field(tmp_path):
@@ -182,7 +195,8 @@ def test_step2_refuses_a_step1_bank_or_tokenizer_from_another_model(make_cfg, tm
     tok_dir = _tokenizer_without_memory_tokens(up / "tok_bad") if broken == "tokenizer" else up / "tok_ok"
     bank = _bank(up / "bank", 16 if broken == "bank" else 128)
     (up / "adapter").mkdir()
-    data = _stage_dir(up, "data", {"sft_pool.jsonl": [{"index": 0, "messages": []}]})
+    data = _stage_dir(up, "data", {"sft_pool.jsonl": [{"index": 0, "source": "pool.jsonl", "messages": [],
+                                                        "has_think": False, "n_tokens": 0}]})
     step1 = _stage_dir(up, "step1", {"written_memories.jsonl": [{"id": "c:m1", "text": "memory c:m1"}]},
                        outputs={"bank": str(bank), "tokenizer": str(tok_dir), "adapter": str(up / "adapter")})
     with pytest.raises(LmxError) as e:
