@@ -1,15 +1,19 @@
 import json
+import os
+import stat
 
 import pytest
 
 from lightmem_exp.artifacts import (
     Manifest,
+    atomic_dir,
     atomic_path,
     iter_jsonl,
     load_manifest,
     read_json,
     write_jsonl,
     write_manifest,
+    write_text,
 )
 from lightmem_exp.errors import DataError, UpstreamError
 
@@ -68,3 +72,15 @@ def test_load_manifest_errors_name_stage_and_path(tmp_path):
     (tmp_path / "m.jsonl").unlink()
     with pytest.raises(UpstreamError, match="missing"):
         load_manifest(tmp_path, expect_stage="step1")
+
+
+def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "inside").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

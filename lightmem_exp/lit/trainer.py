@@ -13,6 +13,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lightmem_exp.lit.callbacks import FiniteLossGuard
 from lightmem_exp.lit.resume import AtomicCheckpointIO, LastCheckpoint, LoaderPosition, load_rng, save_rng
+from lightmem_exp.lit.throughput import TrainThroughput
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -27,7 +28,7 @@ def make_trainer(cfg: DictConfig, sdir: Path, *, max_epochs: int, logger: Logger
         **OmegaConf.to_container(cfg.trainer.lightning, resolve=True),
         max_epochs=max_epochs,
         logger=logger if logger is not None else False,
-        callbacks=[FiniteLossGuard(ckpt_dir), LoaderPosition(), *callbacks, checkpoint],
+        callbacks=[FiniteLossGuard(ckpt_dir), LoaderPosition(), TrainThroughput(), *callbacks, checkpoint],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(sdir),
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
@@ -35,6 +36,16 @@ def make_trainer(cfg: DictConfig, sdir: Path, *, max_epochs: int, logger: Logger
         enable_progress_bar=bool(cfg.progress),
         num_sanity_val_steps=0,
     )
+
+
+def throughput_stats(trainer: L.Trainer, model: torch.nn.Module) -> dict:
+    """Throughput of the batches this process trained (`TrainThroughput`, added by `make_trainer`), MFU at the
+    compute dtype of `trainer.precision`."""
+    cb = next(c for c in trainer.callbacks if isinstance(c, TrainThroughput))
+    precision = str(trainer.precision)
+    dtype = (torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16")
+             else next(model.parameters()).dtype)
+    return cb.summary(model, trainer.strategy.root_device, dtype)
 
 
 def resume_path(cfg: DictConfig, sdir: Path) -> str | None:

@@ -54,7 +54,7 @@ from lightmem_exp.lit.sft import (
     sft_callbacks,
     update_scores,
 )
-from lightmem_exp.lit.trainer import make_trainer, resume_path
+from lightmem_exp.lit.trainer import make_trainer, resume_path, throughput_stats
 from lightmem_exp.logging_utils import make_logger, run_id
 from lightmem_exp.models.loading import attach_lora, load_model, load_tokenizer, prepare_for_kbit_training, save_adapter
 from lightmem_exp.stages.base import StageResult, load_upstream
@@ -262,6 +262,7 @@ def run(cfg: DictConfig) -> StageResult:
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
     module.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds (LoRA dropout)
     trainer.fit(module, **loaders, ckpt_path=resume_path(cfg, sdir))
+    throughput = throughput_stats(trainer, model)
     seconds["train"] = time.perf_counter() - t0 - sum(seconds.values())
     best = restore_best(module, callbacks)
     if device is not None:  # Lightning's teardown moved the model to CPU
@@ -297,7 +298,7 @@ def run(cfg: DictConfig) -> StageResult:
             stage="sft", seed=cfg.seed, metrics=metrics, run_id=run_id(logger), inputs={"data": data.ref()},
             outputs={"adapter": "export/adapter", "backend_config": "export/backend_config.json",
                      "eval_predictions": "eval_predictions.jsonl"},
-            stats={"train_samples": dict(sorted(counts.items())), "train_total": len(train),
+            stats={"throughput": throughput, "train_samples": dict(sorted(counts.items())), "train_total": len(train),
                    "val_samples": dict(sorted(Counter(e["group"] for e in val).items())),
                    "test_samples": {k: len(v) for k, v in test_sets.items()}, "skipped": dict(sorted(skipped.items())),
                    "general_pool_indices": {k: [e["pool_index"] for e in v] for k, v in general.items()},

@@ -26,7 +26,7 @@ from lightmem_exp.data.sft_sampling import draw_within_limit, think_segments
 from lightmem_exp.errors import LmxError
 from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.step1 import RecallQueryModule
-from lightmem_exp.lit.trainer import make_trainer, resume_path
+from lightmem_exp.lit.trainer import make_trainer, resume_path, throughput_stats
 from lightmem_exp.logging_utils import make_logger, run_id
 from lightmem_exp.models.loading import (
     attach_lora,
@@ -191,6 +191,7 @@ def run(cfg: DictConfig) -> StageResult:
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
     module.train()  # from_pretrained returns eval mode and Lightning keeps it: gradient checkpointing would be off
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path(cfg, sdir))
+    throughput = throughput_stats(trainer, model)
     if st.refresh_keys:  # the keys moved with the model: the exported bank is re-encoded by the trained model
         bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)
 
@@ -219,7 +220,7 @@ def run(cfg: DictConfig) -> StageResult:
         manifest = Manifest(
             stage="step1", seed=cfg.seed, metrics=metrics, run_id=run_id(logger), inputs={"data": data.ref()},
             outputs={"bank": "bank", "adapter": "adapter", "tokenizer": "tokenizer", "written_memories": "written_memories.jsonl", "sft_draw": "sft_draw.json"},
-            stats={"train_queries": len(train_rows), "train_keys": len(key_ids), "written_memories": len(written),
+            stats={"throughput": throughput, "train_queries": len(train_rows), "train_keys": len(key_ids), "written_memories": len(written),
                    "written_per_split": dict(Counter(m["split"] for m in written)),
                    "think_samples": len(draw.items),
                    "val_questions": len(val_rows), "bank_size": len(bank), "memory_tokens_added": tok_ids.added,

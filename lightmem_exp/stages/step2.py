@@ -39,7 +39,7 @@ from lightmem_exp.errors import ConfigError, LmxError
 from lightmem_exp.lit.recall_test import RecallTestCallback, recall_eval, recall_prompt_ids
 from lightmem_exp.lit.step2 import DRAWS_FILE, MixedMemoryModule, memory_vocab_ids, sft_perplexity, start_from_step1
 from lightmem_exp.lit.step2_packed import PackedMixedMemoryModule
-from lightmem_exp.lit.trainer import make_trainer, resume_path
+from lightmem_exp.lit.trainer import make_trainer, resume_path, throughput_stats
 from lightmem_exp.logging_utils import make_logger, run_id
 from lightmem_exp.models.chat import chat_token_ids
 from lightmem_exp.models.generation import generate_with_recall
@@ -200,6 +200,7 @@ def run(cfg: DictConfig) -> StageResult:
                            ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
     module.train()  # from_pretrained returns eval mode and Lightning keeps it: gradient checkpointing would be off
     trainer.fit(module, ckpt_path=resume_path(cfg, sdir))
+    throughput = throughput_stats(trainer, model)
 
     if not trainer.is_global_zero:
         return StageResult(stage="step2", dir=sdir, manifest=None, metrics=metrics)
@@ -247,7 +248,7 @@ def run(cfg: DictConfig) -> StageResult:
         outputs={"model": "export/model", "tokenizer": "export/model", "bank": "export/bank",
                  "adapter": "export/adapter", "epoch_draws": DRAWS_FILE, "recall": "recall.jsonl",
                  "demo": "demo.jsonl"},
-        stats={"written_memories": len(written),
+        stats={"throughput": throughput, "written_memories": len(written),
                "written_per_split": dict(Counter(m["split"] for m in written)), "samples_per_epoch": len(dataset),
                "memory_full_with_think_last_epoch": record.get("memory_full_with_think"),
                "guard_conversations": len(guard), "trainable_token_rows": len(token_rows),

@@ -142,7 +142,8 @@ SKIP_DIRS = {"checkpoints", "wandb", ".hydra", "csv"}
 
 def _drop_timings(obj):
     if isinstance(obj, dict):
-        return {k: _drop_timings(v) for k, v in obj.items() if not str(k).startswith("time/") and k != "seconds"}
+        return {k: _drop_timings(v) for k, v in obj.items()
+                if not str(k).startswith("time/") and k not in ("seconds", "throughput")}
     if isinstance(obj, list):
         return [_drop_timings(v) for v in obj]
     return obj

@@ -31,6 +31,8 @@ def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
     assert m["metrics"]["guard/ppl_before"] > 1 and m["metrics"]["guard/ppl_after"] > 1
     assert m["inputs"]["step1"]["stage"] == "step1" and m["inputs"]["data"]["stage"] == "data"
     assert [h["epoch"] for h in m["stats"]["recall_test_history"]] == [0, 1]
+    assert m["stats"]["throughput"]["peak_memory_kind"] == "process peak RSS"  # CPU: no MFU (no peak FLOPs known)
+    assert "mfu_6n" not in m["stats"]["throughput"]
 
     written = [json.loads(x) for x in (out / "step1" / "written_memories.jsonl").read_text().splitlines()]
     recall = [json.loads(x) for x in (sdir / "recall.jsonl").read_text().splitlines()]
