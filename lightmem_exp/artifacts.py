@@ -24,10 +24,13 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any writer thread exists
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 @contextmanager
@@ -40,7 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        tmp_path.chmod(0o666 & ~_umask())  # mkstemp's 0600 would hide the result from other users of outputs/
+        tmp_path.chmod(0o666 & ~_UMASK)  # mkstemp's 0600 would hide the result from other users of outputs/
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -53,7 +56,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the result from other users of a shared outputs/
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp's 0700 would hide the result from other users of a shared outputs/
     try:
         yield tmp
         if path.exists():

@@ -160,7 +160,7 @@ def validate_scale_out(cfg: DictConfig) -> None:
     if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("trainer.lightning.strategy",
                           f"{strategy!r} needs DeepSpeed, an optional extra: pip install -e '.[deepspeed]'")
-    if strategy.startswith(MULTI_PROCESS_STRATEGIES) and _in_multirun():
+    if strategy.startswith(MULTI_PROCESS_STRATEGIES) and in_multirun():
         # Lightning starts ranks > 0 by re-running this command line: under -m every rank would re-run the sweep.
         raise ConfigError("trainer.lightning.strategy",
                           f"{strategy!r} starts one process per device and cannot run inside a multirun (-m) "
@@ -168,7 +168,8 @@ def validate_scale_out(cfg: DictConfig) -> None:
                           "single runs with an explicit exp=")
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """True inside a Hydra multirun (-m) job (imported lazily: config.py stays free of Hydra's runtime)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

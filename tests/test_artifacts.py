@@ -1,9 +1,9 @@
 import json
-import os
 import stat
 
 import pytest
 
+import lightmem_exp.artifacts as artifacts
 from lightmem_exp.artifacts import (
     Manifest,
     atomic_dir,
@@ -74,13 +74,10 @@ def test_load_manifest_errors_name_stage_and_path(tmp_path):
         load_manifest(tmp_path, expect_stage="step1")
 
 
-def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
-    old = os.umask(0o022)
-    try:
-        write_text(tmp_path / "f.txt", "x")
-        with atomic_dir(tmp_path / "d") as d:
-            (d / "inside").write_text("y")
-    finally:
-        os.umask(old)
+def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "_UMASK", 0o022)  # the process umask, read once at import
+    write_text(tmp_path / "f.txt", "x")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "inside").write_text("y")
     assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

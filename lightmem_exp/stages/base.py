@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lightmem_exp.artifacts import Manifest, load_manifest
+from lightmem_exp.config import in_multirun
 
 
 @dataclass
@@ -22,17 +22,13 @@ class StageResult:
     headline: float = math.nan   # the float a sweeper optimises
 
 
-def _in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def stage_dir(cfg: DictConfig, name: str) -> Path:
     """Deterministic home of stage `name` for this run.
 
     Single runs: <paths.outputs>/<exp>/<name>. Sweeps: Hydra's job dir, with pipeline sub-stages
     nested under it, so every job of a sweep is self-contained.
     """
-    if _in_multirun():
+    if in_multirun():
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         return job_dir if cfg.stage.name == name else job_dir / name
     return Path(cfg.paths.outputs) / cfg.exp / name
@@ -47,7 +43,7 @@ def upstream_dir(cfg: DictConfig, name: str) -> Path:
     explicit = OmegaConf.select(cfg, f"stage.inputs.{name}", default=None)
     if explicit:
         return Path(explicit)
-    if _in_multirun() and OmegaConf.select(cfg, "runtime.in_pipeline", default=False):
+    if in_multirun() and OmegaConf.select(cfg, "runtime.in_pipeline", default=False):
         return Path(HydraConfig.get().runtime.output_dir) / name
     return Path(cfg.paths.outputs) / cfg.exp / name
 
