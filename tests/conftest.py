@@ -26,14 +26,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATA_ROOT = Path(os.environ.get("LMX_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
 
+def on_tiny(args: list[str] | tuple[str, ...]) -> list[str]:
+    """Command-line overrides with `model=tiny` first unless they choose a model or an experiment preset (which
+    chooses its own): the default model (smollm2) is the real run's, the tests run on the tiny one."""
+    chosen = any(a.startswith(("model=", "experiment=")) for a in args)
+    return list(args) if chosen else ["model=tiny", *args]
+
+
 def compose_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
-    """Compose the real conf/ tree as the CLI would, with outputs under tmp_path."""
+    """Compose the real conf/ tree as the CLI would (on the tiny model), with outputs under tmp_path."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             config_name="config",
-            overrides=[f"paths.outputs={tmp_path / 'outputs'}", f"paths.multirun={tmp_path / 'multirun'}",
-                       *overrides],
+            overrides=on_tiny([f"paths.outputs={tmp_path / 'outputs'}", f"paths.multirun={tmp_path / 'multirun'}",
+                               *overrides]),
             return_hydra_config=True,
         )
     HydraConfig().set_config(cfg)
@@ -58,9 +65,9 @@ def data_root() -> Path:
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run `python -m lightmem_exp` as a user would, from `cwd`."""
+    """Run `python -m lightmem_exp` as a user would, from `cwd` (on the tiny model unless `args` choose one)."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lightmem_exp", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", "lightmem_exp", *on_tiny(args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from lightmem_exp.config import CONF_DIR, validate_common
 from lightmem_exp.errors import ConfigError
-from tests.conftest import run_cli
+from tests.conftest import on_tiny, run_cli
 
 # find_spec on a dotted name raises when the parent namespace is absent (no Hydra plugin installed at all).
 HAS_SUBMITIT = (importlib.util.find_spec("hydra_plugins") is not None
@@ -30,7 +30,7 @@ def _reset_hydra_config():
 def _compose(tmp_path, *overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"paths.outputs={tmp_path}", *overrides],
+        cfg = compose(config_name="config", overrides=on_tiny([f"paths.outputs={tmp_path}", *overrides]),
                       return_hydra_config=True)
     HydraConfig().set_config(cfg)
     return cfg

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 GROUPS = ("G1", "G2", "G3", "G4", "G5", "G6", "G8", "E1", "G7", "CAPACITY")
-# E1: issue 5 (eval), in bench/eval_rows.py; G7: bench/g7_adrpo.py; G4-G6 and CAPACITY: bench/train_cases.py
+# E1 (the E1 row and the E1 cost table): issue 13, in bench/eval_rows.py; G7: bench/g7_adrpo.py;
+# G4-G6 and CAPACITY: bench/train_cases.py
 log = logging.getLogger("lightmem_exp.bench")
 
 
@@ -106,11 +107,14 @@ def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dic
     if "G3" in args.only:
         log.info("G3: Memory Head top-k")
         rows += cases.topk_rows(s, int(cfg.model.tiny.hidden_size), EXPLANATIONS)
+    tables = []
     if "E1" in args.only:
-        from lightmem_exp.bench.eval_rows import eval_token_rows
+        from lightmem_exp.bench.eval_rows import eval_cost_rows
 
-        log.info("E1: eval prompt tokens, recall vs rag_dense")
-        rows += eval_token_rows(locomo, repeats=s.repeats, seed=s.seed, quick=args.quick)
+        log.info("E1: the eval methods' cost per question (added prompt tokens, processed tokens, latency)")
+        e1_rows, e1_table = eval_cost_rows(locomo, seed=s.seed, quick=args.quick)
+        rows += e1_rows
+        tables.append(e1_table)
     if "G7" in args.only:
         from lightmem_exp.bench.g7_adrpo import EXPLANATIONS as G7_EXPLAIN
         from lightmem_exp.bench.g7_adrpo import g7_rows
@@ -149,10 +153,12 @@ def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dic
                    f"{info['load_avg_end'][0]} at end (other jobs share it: see the IQRs)",
         "wall time": f"{wall:.0f} s",
     }
-    table = render_markdown(rows, header=header, curves=curves)
+    table = render_markdown(rows, header=header, curves=curves, tables=tables)
     write_json(args.out / "results.json", rows)
     if curves:
         write_json(args.out / "capacity.json", curves[0])
+    if tables:
+        write_json(args.out / "eval_cost.json", tables[0])
     write_json(args.out / "run.json", info)
     write_text(args.out / "results.md", table)
     print(table)

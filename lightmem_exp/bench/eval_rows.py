@@ -1,117 +1,132 @@
-"""Bench row E1 (issue 5): prompt tokens per question of `recall` vs `rag_dense` at k=5 -- a token ratio, not a time.
+"""Bench rows E1 (issue 13): what each eval method costs the answering model, counted by the eval stage's own code.
 
-Measured with the eval stage's own prompt builder (`lightmem_exp.eval.methods`) and the tiny model's tokenizer on
-the questions of the default pipeline's LoCoMo test conversations (the data stage's seeded split of the bundled
-file, seed 0): `rag_dense` puts the MiniLM top-k memories of the question's conversation in the prompt, `recall`
-sends the closed-book prompt plus `<recall>` (the memory arrives as one injected vector, never as text). Prompt
-building is repeated like a timed side (token counts are deterministic, so the spread is zero and the check
-confirms it); the ratio is of the mean prompt tokens per question.
+- `E1` (goal <= 0.1): prompt tokens a method ADDS per question over `closed_book` on the same questions, `recall` vs
+  `rag_dense` at rag.k = 5. (It replaces issue 5's ratio of TOTAL prompt tokens, which a fixed part shared by both
+  prompts, ~58 tokens of system prompt, template and question, kept above 0.2 whatever recall does.)
+- `E1 cost` (a table, no goal): every method side by side, tokens the model processes per question (prompt,
+  generated with recall's decoded memory, session_rank's scoring passes) and latency: recall pays in decode steps
+  what RAG pays in prefill.
+
+Both come from one run of the eval stage's methods (`eval.methods.run_method`) on the questions the stage selects by
+default (its `conf/stage/eval.yaml`, test-split conversations of the bundled LoCoMo file, data built by the data
+stage's `build_dataset`), summarised by `stages.eval.summarize`, the table rendered by `eval.report.cost_table`.
+The model is the tiny one, as in every bench row. recall needs a step2 export and the bench trains none, so the base
+tiny model stands in for it with `stage.recall.bank=encode` (the conversation's memories encoded by that model): its
+prompt is exactly recall's (the closed-book prompt + `<recall>`, checked per question), but an untrained model does
+not close the memory with the end marker, so its decode count is a ceiling (max_new_tokens + recall.memory_tokens
+unless it stops at end-of-sequence). Token counts are deterministic, so the methods run once (no repeats); the
+latencies are that one pass's.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
-from lightmem_exp.bench.rows import make_row, ratio_of, side
+from omegaconf import DictConfig
+
+from lightmem_exp.artifacts import Manifest
+from lightmem_exp.bench.rows import make_row, side
 from lightmem_exp.bench.timing import Stats
+from lightmem_exp.config import CONF_DIR
 
 log = logging.getLogger(__name__)
 
-GOAL = "<= 0.1"
+K = 5  # the rag.k the goal is set at (eval.report.ADDED_PROMPT_GOAL_K)
 
 
-def _conversations(locomo_path: Path, seed: int, max_questions: int | None):
-    from lightmem_exp.data.build import dedup_memories, split_conversations
-    from lightmem_exp.data.locomo import read_locomo
-    from lightmem_exp.eval.methods import Conversation
+def eval_config(overrides: list[str]) -> DictConfig:
+    """The eval stage's config composed as the CLI would, on the tiny model (nothing written)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    src = read_locomo(locomo_path)
-    memories = dedup_memories(src.memories, Counter())
-    conv_ids = sorted({q["conv_id"] for q in src.qa})
-    test = split_conversations(conv_ids, seed, (0.6, 0.2, 0.2))["test"]
-    convs = []
-    for c in test:
-        qs = [q for q in src.qa if q["conv_id"] == c]
-        convs.append(Conversation(c, [m for m in memories if m["conv_id"] == c],
-                                  [s for s in src.sessions if s["conv_id"] == c],
-                                  qs[:max_questions] if max_questions else qs))
-    return convs
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=["stage=eval", "model=tiny", "logger=none", *overrides])
+    finally:
+        GlobalHydra.instance().clear()
 
 
-def eval_token_rows(locomo_path: Path, *, repeats: int, seed: int = 0, k: int = 5, quick: bool = False) -> list[dict]:
-    from omegaconf import OmegaConf
+def stand_in_step2(cfg: DictConfig) -> Manifest:
+    """An in-memory step2 manifest whose export is the base tiny model (built into paths.cache when missing)."""
+    from lightmem_exp.models.loading import resolve_model_path
 
-    from lightmem_exp.bench.cases import tiny_config
-    from lightmem_exp.eval.methods import (
-        MEMORY_HEADER,
-        SYSTEM_PROMPT,
-        ConversationIndex,
-        build_prompt,
-        memory_line,
-        question_text,
-    )
-    from lightmem_exp.models.loading import load_tokenizer, require_memory_tokens
+    return Manifest(stage="step2", seed=int(cfg.seed), outputs={"model": ".", "tokenizer": "."},
+                    dir=Path(resolve_model_path(cfg.model, cfg.paths.data)))
 
-    cfg = tiny_config()
-    tok = load_tokenizer(cfg.model, cfg.paths.data)
-    recall_id = require_memory_tokens(tok, str(cfg.model.name_or_path)).recall
-    max_tokens = int(OmegaConf.select(cfg, "model.max_seq_len")) - 24  # the eval default: context - max_new_tokens
-    convs = _conversations(locomo_path, seed, 10 if quick else None)
-    ranked = {}
-    for conv in convs:  # retrieval once (MiniLM); the repeats below rebuild the prompts
-        index = ConversationIndex(conv, hybrid_depth=50)
-        ranked[conv.conv_id] = index.search("dense", [q["question"] for q in conv.questions], k)
 
-    def build() -> tuple[list[int], list[int], int, int]:
-        recall, rag, structural, truncated = [], [], 0, 0
-        for conv in convs:
-            by_id = {m["id"]: m for m in conv.memories}
-            for q, r in zip(conv.questions, ranked[conv.conv_id], strict=True):
-                closed = build_prompt(tok, question_text(q), max_tokens=max_tokens)
-                rec = build_prompt(tok, question_text(q), max_tokens=max_tokens, suffix_ids=[recall_id])
-                dense = build_prompt(tok, question_text(q), header=MEMORY_HEADER, max_tokens=max_tokens,
-                                     lines=[memory_line(by_id[mid]) for mid in reversed(r[:k])])
-                structural += rec.ids == [*closed.ids, recall_id]
-                truncated += dense.truncated
-                recall.append(len(rec.ids))
-                rag.append(len(dense.ids))
-        return recall, rag, structural, truncated
+def eval_cost_rows(locomo_path: Path, *, seed: int = 0, quick: bool = False) -> tuple[list[dict], dict]:
+    """The `E1` row and the `E1 cost` table (markdown and the cost metrics), from one run of the eval methods."""
+    from lightmem_exp.data import build_dataset
+    from lightmem_exp.eval import report
+    from lightmem_exp.eval.methods import GROUP_ORDER, METHODS, EvalContext, run_method
+    from lightmem_exp.retrieval import minilm
+    from lightmem_exp.stages.eval import conversations_of, not_run_reasons, summarize, validate
 
-    runs = [build() for _ in range(max(1, repeats))]
-    recall, rag, structural, truncated = runs[0]
-    n = len(recall)
-    same = all(r[:2] == runs[0][:2] for r in runs)
-    a = Stats.of([sum(r[0]) / n for r in runs])
-    b = Stats.of([sum(r[1]) / n for r in runs])
-    system_tokens = len(tok(SYSTEM_PROMPT, add_special_tokens=False)["input_ids"])
-    check = {"check": "recall prompt = closed-book prompt + <recall> on every question; counts identical per repeat",
-             "ok": structural == n and same, "questions": n, "structural_ok": structural, "identical_repeats": same,
-             "summary": f"{structural}/{n} recall prompts are the closed-book prompt + <recall>"}
-    params = {"questions": n, "conversations": [c.conv_id for c in convs], "k": k, "tokenizer": "tiny",
-              "max_prompt_tokens": max_tokens, "rag_dense_truncated": truncated,
-              "recall_mean_tokens": a.median, "rag_dense_mean_tokens": b.median,
-              "system_prompt_tokens": system_tokens, "memory_block_mean_tokens": b.median - a.median + 1}
-    return [make_row(
-        "E1", f"prompt tokens per question, recall vs rag_dense (MiniLM top-{k}) on {n} LoCoMo test questions",
-        GOAL, ours=side("recall", a, "tokens/question"), baseline=side(f"rag_dense k={k}", b, "tokens/question"),
-        ratio=ratio_of(a, b), ratio_def="mean prompt tokens, recall / rag_dense", check=check, params=params,
-        explanation=_explain)]
+    cfg = eval_config([f"seed={seed}", f"data.path={locomo_path}", f"stage.rag.k={K}", "stage.recall.bank=encode",
+                       "progress=false", *(["stage.max_questions_per_conv=2"] if quick else [])])
+    validate(cfg)
+    st, d = cfg.stage, cfg.data
+    built = build_dataset(d.name, Path(d.path), None, lambda _: 0, seed=int(cfg.seed),
+                          split_fractions=tuple(d.split_fractions), context_window=int(d.context_window),
+                          progress=False)
+    convs = conversations_of(built.splits, built.artifacts, st.split, st.max_questions_per_conv, int(cfg.seed))
+    ctx = EvalContext(cfg, {"step2": stand_in_step2(cfg)})
+    methods = [METHODS[name](ctx) for name in st.methods]
+    not_run = not_run_reasons(methods, {"sft": "no sft stage in the bench"})
+    runnable = [m for m in methods if m.name not in not_run]
+    minilm()  # loaded once before any method, as the stage does, so no method's prepare time carries it
+    records, prepare_s = [], {}
+    for group in GROUP_ORDER:
+        for m in (m for m in runnable if m.group == group):
+            log.info("E1: eval method %s", m.name)
+            recs, stats = run_method(m, convs, batch_size=int(st.batch_size))
+            records += recs
+            prepare_s[m.name] = round(stats["prepare_seconds"], 2)
+        ctx.release(group)
+    for r in records:
+        r["scores"] = report.score_record(r, "locomo")
+    metrics = summarize(cfg, records, "locomo")
+    ran = [m.name for m in runnable]
+
+    by_q = {(r["method"], r["conv_id"], r["id"]): r["prompt_tokens"] for r in records}
+    closed = [(c, i) for (m, c, i) in by_q if m == "closed_book"]
+    plus_one = sum(by_q.get(("recall", c, i)) == by_q[("closed_book", c, i)] + 1 for c, i in closed)
+    n = len(closed)
+    check = {"check": "recall's prompt is closed_book's + <recall> on every question (both answered all of them)",
+             "ok": n > 0 and plus_one == n == metrics.get("recall/n"), "questions": n, "recall_plus_one": plus_one,
+             "summary": f"{plus_one}/{n} recall prompts are the closed-book prompt + 1 token"}
+    recall, rag = (metrics.get(f"{m}/cost/added_prompt_tokens", float("nan")) for m in ("recall", "rag_dense"))
+    params = {"questions": n, "conversations": [c.conv_id for c in convs],
+              "max_questions_per_conv": st.max_questions_per_conv, "k": K, "model": "tiny",
+              "step2": "stand-in: the base tiny model, stage.recall.bank=encode", "not_run": not_run,
+              "closed_book_prompt_tokens": metrics.get("closed_book/cost/prompt_tokens"),
+              "recall_added_prompt_tokens": recall, "rag_dense_added_prompt_tokens": rag,
+              "rag_dense_truncated": metrics.get("rag_dense/truncated_frac"), "prepare_seconds": prepare_s}
+    row = make_row(
+        "E1", f"prompt tokens added per question over closed_book, recall vs rag_dense (MiniLM top-{K}), {n} LoCoMo "
+              "test questions", f"<= {report.ADDED_PROMPT_GOAL}",
+        ours=side("recall", Stats.of([recall]), "added tokens/question"),
+        baseline=side(f"rag_dense k={K}", Stats.of([rag]), "added tokens/question"),
+        ratio=metrics.get(report.ADDED_RATIO, float("nan")), ratio_def="mean added prompt tokens, recall / rag_dense",
+        check=check, params=params, explanation=_explain)
+    table = {"name": "E1 cost", "intro": (
+        f"Tokens the answering model processes and latency per question, every method of the eval stage on the same "
+        f"{n} LoCoMo test questions (tiny model, rag.k={K}, max_new_tokens={st.max_new_tokens}, "
+        f"recall.memory_tokens={st.recall.memory_tokens}; no goal). recall runs on a stand-in export, the untrained "
+        "base model, which never closes the memory with the end marker: its generated tokens are the ceiling "
+        "max_new_tokens + recall.memory_tokens (unless it stops at end-of-sequence), and none count as recalled "
+        "memory, which ends at the marker. Not run: "
+        + (", ".join(f"{m} ({why})" for m, why in not_run.items()) or "none") + "."),
+             "markdown": report.cost_table(metrics, ran), "note": report.COST_NOTE,
+             "metrics": {k: v for k, v in metrics.items() if "cost/" in k or k.endswith(("/n", "/truncated_frac"))}}
+    return [row], table
 
 
 def _explain(row: dict) -> str:
     p = row["params"]
-    fixed = p["recall_mean_tokens"] - 1
-    block = p["memory_block_mean_tokens"]
-    need = 9 * fixed + 10  # (F + 1) / (F + M) <= 0.1  <=>  M >= 9F + 10
-    return (f"Both prompts carry the same fixed part (pinned system prompt of {p['system_prompt_tokens']} tokens, "
-            f"chat template, question: {fixed:.0f} tokens on average); rag_dense adds a {block:.0f}-token memory "
-            f"block for k={p['k']}, so the ratio is (F + 1) / (F + M). Reaching 0.1 needs M >= 9F + 10 = {need:.0f} "
-            f"tokens, about {need / max(block, 1):.1f}x the block LoCoMo's short observations give at k={p['k']}. "
-            "What would close it: a larger k or longer memories (the saving grows with the block: recall stays "
-            "at F + 1 whatever is recalled), or a shorter fixed prompt (the system prompt is shared by every "
-            "method; dropping it lowers both sides). The ratio is a property of prompt lengths, not of speed."
-            + (f" {p['rag_dense_truncated']} of {p['questions']} rag_dense prompts were cut to the "
-               f"{p['max_prompt_tokens']}-token limit, which shortens that side: uncut, the ratio would be a little "
-               "lower." if p["rag_dense_truncated"] else ""))
+    return (f"recall adds {p['recall_added_prompt_tokens']:.1f} prompt tokens per question over closed_book, "
+            f"rag_dense {p['rag_dense_added_prompt_tokens']:.1f} (its top-{p['k']} memory block). recall should add "
+            "only the <recall> token: a larger addition means its prompt gained context (e.g. recall_rag's memories), "
+            "which is what the check reports per question.")

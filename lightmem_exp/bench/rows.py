@@ -103,7 +103,7 @@ def fmt_time(seconds: float) -> str:
 
 def _fmt_side(s: dict) -> str:
     lo, hi = s["iqr_s"]
-    if not s["unit"].startswith("s/"):  # a count (e.g. E1's tokens/question), not a time
+    if not s["unit"].startswith("s/"):  # a count (e.g. E1's added tokens/question), not a time
         return f"{s['median_s']:.4g} {s['unit']} [IQR {lo:.4g}–{hi:.4g}]"
     unit = s["unit"].split("/", 1)[1] if "/" in s["unit"] else ""
     per = f"/{unit}" if unit else ""
@@ -149,8 +149,10 @@ def render_curve(curve: dict) -> list[str]:
     return lines
 
 
-def render_markdown(rows: Sequence[dict], *, header: dict | None = None, curves: Sequence[dict] = ()) -> str:
-    """results.md: the table of measured rows, the rows not built, curves, then the explanations of failing rows."""
+def render_markdown(rows: Sequence[dict], *, header: dict | None = None, curves: Sequence[dict] = (),
+                    tables: Sequence[dict] = ()) -> str:
+    """results.md: the table of measured rows, the rows not built, curves, tables without a goal (`name`, `intro`,
+    `markdown`, `note`, e.g. E1 cost), then the explanations of failing rows."""
     lines = ["# lightmem_exp bench", ""]
     for key, value in (header or {}).items():
         lines.append(f"- {key}: {value}")
@@ -170,6 +172,8 @@ def render_markdown(rows: Sequence[dict], *, header: dict | None = None, curves:
         lines.append(f"| {name} | {NOT_BUILT_NOTE} | – | – | – | – | – | – |")
     for curve in curves:
         lines += render_curve(curve)
+    for t in tables:
+        lines += ["", f"## {t['name']}", "", t["intro"], "", t["markdown"], "", t["note"]]
     failing = [r for r in rows if not r["pass"]]
     if failing:
         lines += ["", "## What would close the failing goals", ""]

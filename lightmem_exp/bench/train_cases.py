@@ -44,7 +44,7 @@ def step2_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=["stage=step2", "logger=none", *overrides])
+            return compose(config_name="config", overrides=["stage=step2", "model=tiny", "logger=none", *overrides])
     finally:
         GlobalHydra.instance().clear()
 

@@ -69,11 +69,13 @@ class Conversation:
 class Answer:
     prediction: str
     prompt_tokens: int
-    generated_tokens: int
+    generated_tokens: int  # every decode step through end-of-sequence (recall: the memory, its marker, the answer)
     truncated: bool = False
     context_tokens_dropped: int = 0
     retrieved_memory_ids: list[str] | None = None  # ranked, best first (memory-level retrieval)
     retrieved_sessions: list | None = None  # ranked, best first (session-level retrieval)
+    scoring_tokens: int = 0  # tokens of extra forward passes of the answering model (session_rank's re-ranking)
+    memory_tokens: int | None = None  # recall: the generated tokens spent decoding the memory, end marker included
     extra: dict = field(default_factory=dict)
 
 
@@ -217,6 +219,21 @@ def decode(lm: LoadedModel, ids: Sequence[int]) -> str:
     return lm.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
+def tokens_through(lm: LoadedModel, ids: Sequence[int], marker: str) -> int:
+    """The shortest prefix of `ids` whose text contains `marker` (0 when the whole does not): the marker is cut in
+    the decoded text, and its token boundaries depend on the text before it, so the prefix is found by bisection."""
+    if marker not in decode(lm, ids):
+        return 0
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if marker in decode(lm, ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 @torch.no_grad()
 def question_loglik(lm: LoadedModel, contexts: Sequence[Sequence[int]], question_ids: Sequence[int]) -> list[float]:
     """Mean log-probability of `question_ids` after each context (left-padded, so the question ends every row and
@@ -345,6 +362,7 @@ class EvalContext:
         self._full_banks: dict[str, Any] = {}  # recall.bank source -> the loaded bank, sliced per conversation
         self.embed = EmbeddingCache()
         self.ks = sorted({int(k) for k in self.st.ks})
+        self.context_tokens: dict[str, int] = {}  # per model group, kept after release for the report's settings
 
     # ---- indexes
     def index(self, conv: Conversation) -> ConversationIndex:
@@ -357,6 +375,7 @@ class EvalContext:
         if group not in self._lms:
             loader = {"base": self._load_base, "sft": self._load_sft, "step2": self._load_step2}[group]
             self._lms[group] = loader()
+            self.context_tokens[group] = self._lms[group].context_tokens
             log.info("eval: %s model from %s (context %d tokens)", group, self._lms[group].source,
                      self._lms[group].context_tokens)
         return self._lms[group]
@@ -605,6 +624,7 @@ class SessionRank(Method):
             room = max(lm.context_tokens - len(q_ids), 1)
             contexts = [self._session_ids(lm, conv, si)[:room] for si in pre]
             ll = question_loglik(lm, contexts, q_ids) if contexts else []
+            scored = sum(len(c) + len(q_ids) for c in contexts)  # real tokens of the scoring pass (pads left out)
             order = [pre[i] for i in sorted(range(len(pre)), key=lambda i: (-ll[i], i))]
             # 3. answer from the top sessions, in conversation order
             top = sorted(order[: int(sr.top_sessions)])
@@ -612,7 +632,7 @@ class SessionRank(Method):
             prompts.append(build_prompt(lm.tokenizer, question_text(q), header=CONVERSATION_HEADER, lines=lines,
                                         max_tokens=self.max_prompt_tokens(lm)))
             sess = [conv.sessions[si]["session"] for si in order]
-            answers.append(Answer("", 0, 0, retrieved_sessions=sess, extra={
+            answers.append(Answer("", 0, 0, retrieved_sessions=sess, scoring_tokens=scored, extra={
                 "prefilter_sessions": [conv.sessions[si]["session"] for si in pre],
                 "rerank_loglik": [round(ll[pre.index(si)], 4) for si in order]}))
         return self.generate_answers(lm, prompts, answers)
@@ -673,6 +693,8 @@ class Recall(Method):
             answers.append(Answer(
                 reply, len(p.ids), len(new), p.truncated, p.dropped_tokens,
                 retrieved_memory_ids=rag or candidates,
+                # without a marker the whole output is the answer (split_recall_output), so no memory tokens
+                memory_tokens=tokens_through(lm, new, lm.end_marker) if seen else 0,
                 extra={"recalled_memory_id": first["memory_id"] if first else None,
                        "recall_candidates": candidates, "recalls": len(trace), "end_marker_seen": seen,
                        "evidence_in_bank": any(m in in_bank for m in q["evidence_memory_ids"]),
@@ -737,7 +759,11 @@ def run_method(method: Method, conversations: Sequence[Conversation], *, batch_s
                         "method": method.name, "id": q["id"], "conv_id": q["conv_id"], "category": q["category"],
                         "question": q["question"], "answer": q["answer"], "abstention": bool(q["abstention"]),
                         "prediction": a.prediction, "prompt_tokens": a.prompt_tokens,
-                        "generated_tokens": a.generated_tokens, "latency_s": cost.seconds / len(batch),
+                        "generated_tokens": a.generated_tokens, "scoring_tokens": a.scoring_tokens,
+                        "memory_tokens": a.memory_tokens,
+                        # everything the answering model runs over for this question: prefill, decode, scoring
+                        "processed_tokens": a.prompt_tokens + a.generated_tokens + a.scoring_tokens,
+                        "latency_s": cost.seconds / len(batch),
                         "peak_mem_mb": cost.peak_mb, "truncated": a.truncated,
                         "context_tokens_dropped": a.context_tokens_dropped,
                         "retrieved_memory_ids": a.retrieved_memory_ids, "retrieved_sessions": a.retrieved_sessions,

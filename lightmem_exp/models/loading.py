@@ -59,19 +59,29 @@ class MemoryTokenIds:
 
 
 def resolve_model_path(model_cfg: Mapping[str, Any], data_root: str | Path) -> str:
-    """The directory or hub id `from_pretrained` should read; builds the tiny model first when `model.build=tiny`."""
+    """The directory or hub id `from_pretrained` should read; builds it first when `model.build` names a builder."""
     name = _get(model_cfg, "name_or_path")
     if not name:
         raise ConfigError("model.name_or_path", "must be a hub id or a local directory")
     build = _get(model_cfg, "build")
     if build in (None, "", "none"):
         return str(name)
-    if build != "tiny":
-        raise ConfigError("model.build", f"unknown builder {build!r}; expected 'tiny' or null")
-    spec = _get(model_cfg, "tiny")
+    if build not in BUILDERS:
+        raise ConfigError("model.build", f"unknown builder {build!r}; expected one of {sorted(BUILDERS)} or null")
+    spec = _get(model_cfg, build)
     if spec is None:
-        raise ConfigError("model.tiny", "required when model.build=tiny")
-    return str(ensure_tiny_model(Path(str(name)), Path(data_root), spec))
+        raise ConfigError(f"model.{build}", f"required when model.build={build}")
+    return str(BUILDERS[build](Path(str(name)), Path(data_root), spec))
+
+
+def _build_gguf(out_dir: Path, data_root: Path, spec: Mapping[str, Any]) -> Path:
+    from lightmem_exp.models.gguf import ensure_gguf_model
+
+    return ensure_gguf_model(out_dir, spec)
+
+
+# model.build: how a model that is not a hub id or a ready directory is built once into model.name_or_path
+BUILDERS: dict[str, Callable[[Path, Path, Mapping[str, Any]], Path]] = {"tiny": ensure_tiny_model, "gguf": _build_gguf}
 
 
 def _looks_local(name: str) -> bool:

@@ -6,14 +6,9 @@ written atomically, so every later step loads it with `from_pretrained` exactly 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,7 +18,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from lightmem_exp.errors import ConfigError, DataError, LmxError
+from lightmem_exp.errors import ConfigError, DataError
+from lightmem_exp.models.build_cache import ensure_build
 
 log = logging.getLogger(__name__)
 
@@ -100,37 +96,18 @@ CORPUS_SKIP_KEYS = frozenset({"img_url", "dia_id", "evidence", "sample_id"})  # 
 
 
 def ensure_tiny_model(out_dir: str | Path, data_root: str | Path, spec: Mapping[str, Any]) -> Path:
-    """Return `out_dir` holding a complete tiny build for `spec`, building it first when missing or stale.
-
-    Safe under concurrency (e.g. DDP ranks): one process builds under a file lock in a temp dir beside `out_dir`
-    and renames it into place; the others wait on the lock and then reuse the finished build.
-    """
-    out_dir = Path(out_dir).expanduser().absolute()
+    """Return `out_dir` holding a complete tiny build for `spec`, building it first when missing or stale
+    (under a file lock, atomically: see `build_cache`)."""
     clean = normalize_spec(spec)
-    key = spec_hash(clean)
-    if is_complete_build(out_dir, key):
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        if is_complete_build(out_dir, key):  # another process finished it while we waited
-            return out_dir
-        _check_replaceable(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable like any dir
-        try:
-            t0 = time.perf_counter()
-            record = build_tiny_model(tmp, Path(data_root), clean)
-            log.info(
-                "built tiny model at %s: %d parameters, vocab %d, %.1fs",
-                out_dir,
-                record["num_parameters"],
-                record["tokenizer_size"],
-                time.perf_counter() - t0,
-            )
-            _install(tmp, out_dir, key)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    def build(tmp: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        record = build_tiny_model(tmp, Path(data_root), clean)
+        log.info("built tiny model at %s: %d parameters, vocab %d, %.1fs", out_dir, record["num_parameters"],
+                 record["tokenizer_size"], time.perf_counter() - t0)
+        return record
+
+    return ensure_build(out_dir, spec_hash(clean), BUILD_RECORD, build)
 
 
 def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -165,14 +142,6 @@ def spec_hash(clean_spec: Mapping[str, Any]) -> str:
     """Key of a build: the validated spec plus the builder version (the bundled corpus is fixed and recorded)."""
     blob = json.dumps({"builder": BUILDER_VERSION, "spec": dict(clean_spec)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def is_complete_build(out_dir: Path, key: str) -> bool:
-    try:
-        record = json.loads((out_dir / BUILD_RECORD).read_text())
-    except (OSError, ValueError):
-        return False
-    return record.get("spec_hash") == key and all((out_dir / f).is_file() for f in record.get("files", []))
 
 
 def corpus_files(data_root: Path) -> list[Path]:
@@ -235,7 +204,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 
 def build_tiny_model(out_dir: Path, data_root: Path, clean_spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Write tokenizer + random-init Qwen2 + build record into `out_dir` (not atomic: use `ensure_tiny_model`)."""
+    """Write tokenizer + random-init Qwen2 into `out_dir` and return the build record (use `ensure_tiny_model`)."""
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     spec = dict(clean_spec)
@@ -277,58 +246,13 @@ def build_tiny_model(out_dir: Path, data_root: Path, clean_spec: Mapping[str, An
     model.generation_config.pad_token_id = ids[PAD_TOKEN]
     model.save_pretrained(out_dir)
 
-    written = sorted(p.name for p in out_dir.iterdir() if p.is_file())
-    record = {
+    return {
         "builder_version": BUILDER_VERSION,
         "spec": spec,
-        "spec_hash": spec_hash(spec),
         "num_parameters": sum(p.numel() for p in model.parameters()),  # tied weights counted once
         "tokenizer_size": len(tokenizer),
         "special_token_ids": ids,
         "corpus": [
             {"file": str(p.relative_to(data_root)), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files
         ],
-        "files": written,
     }
-    (out_dir / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return record
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Only an empty directory or an earlier tiny build may be replaced: never delete a user's model directory."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / BUILD_RECORD).is_file():
-        raise LmxError(
-            f"{out_dir} exists and is not a tiny-model build (no {BUILD_RECORD}); refusing to overwrite it. "
-            "Point model.name_or_path at an empty or new directory."
-        )
-
-
-def _install(tmp: Path, out_dir: Path, key: str) -> None:
-    old = None
-    if out_dir.exists():  # a stale build (other spec) or an empty dir: move aside, swap in, then delete
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        # Rename-wins fallback for filesystems where flock is not shared (e.g. some network mounts).
-        if not is_complete_build(out_dir, key):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

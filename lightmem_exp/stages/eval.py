@@ -5,7 +5,8 @@ Order of work: validate; load the data manifest and the optional upstreams (sft,
 one and the methods it rules out; select the questions (split conversations, a seeded per-conversation sample
 stratified by category); run the methods grouped by the model that answers (base, then base + sft adapter, then the
 step2 export), with the update-decision parse rate measured on the base and on the sft adapter in between; score,
-judge (optional), aggregate; write predictions, summary, report, plots; log; write the manifest last.
+judge (optional), aggregate, bootstrap (intervals and paired differences vs closed_book over questions, seeded by
+cfg.seed); write predictions, summary, report, plots; log; write the manifest last.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, s + "headline.method", lambda v: v in METHODS, f"one of {list(METHODS)}")
     require(cfg, s + "headline.metric", lambda v: isinstance(v, str) and v, "a metric name such as f1")
     require(cfg, s + "plots", lambda v: isinstance(v, bool), "true or false")
+    require(cfg, s + "bootstrap.resamples", _int_at_least(1), "an integer >= 1")
+    require(cfg, s + "bootstrap.confidence", lambda v: isinstance(v, float) and 0 < v < 1, "a number in (0, 1)")
     if cfg.stage.context_tokens is not None and cfg.stage.max_new_tokens >= cfg.stage.context_tokens:
         raise ConfigError(s + "max_new_tokens", f"got {cfg.stage.max_new_tokens}, must be below stage.context_tokens")
 
@@ -141,12 +144,19 @@ def select_questions(qa: list[dict], cap: int | None, seed: int) -> list[dict]:
 
 
 def build_conversations(data: Manifest, split: str, cap: int | None, seed: int) -> list[Conversation]:
-    splits = read_json(data.path("splits"))
+    """The split's conversations from the data stage's files, with their selected questions."""
+    arts = {k: read_artifact(data, k) for k in ("qa", "memories", "sessions")}
+    return conversations_of(read_json(data.path("splits")), arts, split, cap, seed, source=str(data.path("splits")))
+
+
+def conversations_of(splits: dict[str, list[str]], artifacts: dict[str, list[dict]], split: str, cap: int | None,
+                     seed: int, source: str = "splits") -> list[Conversation]:
+    """The split's conversations from data-stage artifacts (`qa`, `memories`, `sessions` rows; the bench passes
+    them in memory), with their selected questions."""
     conv_ids = [c for s in ("train", "val", "test") for c in splits[s]] if split == "all" else list(splits[split])
     if not conv_ids:
-        raise UpstreamError(f"{data.path('splits')}: the {split} split has no conversations "
-                            "(choose another stage.split, or all)")
-    qa, memories, sessions = (read_artifact(data, k) for k in ("qa", "memories", "sessions"))
+        raise UpstreamError(f"{source}: the {split} split has no conversations (choose another stage.split, or all)")
+    qa, memories, sessions = (artifacts[k] for k in ("qa", "memories", "sessions"))
     group = lambda rows: {c: [r for r in rows if r["conv_id"] == c] for c in conv_ids}  # noqa: E731
     by_q, by_m, by_s = group(qa), group(memories), group(sessions)
     return [Conversation(c, by_m[c], by_s[c], select_questions(by_q[c], cap, seed)) for c in conv_ids]
@@ -175,6 +185,47 @@ def measure_updates(ctx: EvalContext, group: str, rows: list[dict]) -> tuple[dic
         gen_kwargs={"max_new_tokens": int(ud.max_new_tokens), "do_sample": False}))
     scores, records = update_scores(backend, rows)
     return {**scores, "n": float(len(rows))}, records
+
+
+def summarize(cfg: DictConfig, records: list[dict], benchmark: str) -> dict[str, float]:
+    """Every metric of scored records: per method and category (`report.aggregate`), then the bootstrap intervals,
+    paired differences vs closed_book and added prompt tokens (`report.compare`, seeded by cfg.seed)."""
+    st = cfg.stage
+    metrics = report.aggregate(records, benchmark, sorted({int(k) for k in st.ks}))
+    metrics.update(report.compare(records, benchmark, resamples=int(st.bootstrap.resamples),
+                                  confidence=float(st.bootstrap.confidence), seed=int(cfg.seed), rag_k=int(st.rag.k)))
+    return metrics
+
+
+def settings_of(cfg: DictConfig, convs: list[Conversation], ctx: EvalContext, metrics: dict) -> dict[str, str]:
+    """The defaults that bound what the run could find, in words, for the report and the manifest."""
+    st, sr = cfg.stage, cfg.stage.session_rank
+    per_conv = ", ".join(f"{c.conv_id}: {len(c.questions)}" for c in convs)
+    out = {"questions": f"{sum(len(c.questions) for c in convs)} from {len(convs)} conversations ({per_conv}); "
+                        f"stage.max_questions_per_conv={st.max_questions_per_conv}, a sample stratified by category, "
+                        f"seed {cfg.seed}"}
+    if ctx.context_tokens:
+        line = (", ".join(f"{g} model {n} tokens" for g, n in ctx.context_tokens.items())
+                + f" (stage.context_tokens={'null' if st.context_tokens is None else st.context_tokens}: "
+                  "null is model.max_seq_len; either is capped at the model's "
+                  f"max_position_embeddings), of which max_new_tokens are kept for the reply")
+        cov = metrics.get("full_context/context_coverage")
+        if cov is not None:
+            line += (f"; full_context kept on average {cov:.1%} of a conversation's "
+                     f"{metrics['full_context/context_tokens_full']:.0f} tokens (oldest lines dropped first; "
+                     f"{metrics['full_context/truncated_frac']:.0%} of its prompts cut)")
+        out["context"] = line
+    out["session_rank"] = (f"MiniLM pre-filter keeps {sr.prefilter} sessions (each scored by its best run of "
+                           f"{sr.chunk_turns} turns), the model re-ranks them on their first {sr.session_tokens} "
+                           f"tokens, the top {sr.top_sessions} go in the prompt")
+    out["rag.k"] = (f"{st.rag.k} memories in the prompt (rag_*, recall_rag); rag_hybrid fuses the top "
+                    f"{st.rag.hybrid_depth} of each retriever")
+    out["max_new_tokens"] = (f"{st.max_new_tokens}, greedy, batch {st.batch_size}; recall and recall_rag may "
+                             f"decode recall.memory_tokens={st.recall.memory_tokens} more for the recalled memory "
+                             f"(recall.bank={st.recall.bank})")
+    out["bootstrap"] = (f"{st.bootstrap.resamples} resamples, {st.bootstrap.confidence:.0%} intervals, "
+                        f"seed {cfg.seed}")
+    return out
 
 
 def choose_headline(cfg: DictConfig, metrics: dict, methods: list[str], ran: list[str],
@@ -256,7 +307,7 @@ def run(cfg: DictConfig) -> StageResult:
     judge_info = _judge(cfg, records, sdir) if st.judge.enabled else None
 
     ks = sorted({int(k) for k in st.ks})
-    metrics = report.aggregate(records, benchmark, ks)
+    metrics = summarize(cfg, records, benchmark)
     for name, v in update.items():
         metrics.update({f"update/{name}/{k}": float(x) for k, x in v.items()})
     ran = [m.name for m in runnable]
@@ -278,15 +329,16 @@ def run(cfg: DictConfig) -> StageResult:
     setup = {
         "benchmark": f"{benchmark} ({data.dir})", "split": st.split,
         "conversations": ", ".join(c.conv_id for c in convs),
-        "questions": f"{len(questions)} (stage.max_questions_per_conv={st.max_questions_per_conv}, seed {cfg.seed})",
         "model": f"{cfg.model.name} ({cfg.model.name_or_path})",
-        "decoding": f"greedy, max_new_tokens={st.max_new_tokens}, batch {st.batch_size}",
     }
+    settings = settings_of(cfg, convs, ctx, metrics)
     note = ("model=tiny is a random-init 1.3M-parameter model: these accuracies measure the machinery (prompts, "
             "retrieval, recall, scoring), not a language model's ability." if cfg.model.name == "tiny" else None)
     text = report.render_report(benchmark=benchmark, ks=ks, metrics=metrics, methods_run=ran, not_run=not_run,
-                                setup=setup, headline=headline, upstream=upstream, missing_upstream=missing,
-                                update=update, judge=judge_info, git_sha=git_sha(), note=note)
+                                setup=setup, settings=settings, headline=headline, upstream=upstream,
+                                missing_upstream=missing, update=update, judge=judge_info, git_sha=git_sha(), note=note,
+                                confidence=float(st.bootstrap.confidence), resamples=int(st.bootstrap.resamples),
+                                rag_k=int(st.rag.k))
     from lightmem_exp.artifacts import write_text
 
     write_text(sdir / "report.md", text)
@@ -299,6 +351,7 @@ def run(cfg: DictConfig) -> StageResult:
         stats={"benchmark": benchmark, "split": st.split, "conversations": [c.conv_id for c in convs],
                "questions": {c.conv_id: [q["id"] for q in c.questions] for c in convs},
                "methods_run": ran, "not_run": not_run, "missing_upstream": missing, "headline": headline,
+               "settings": settings,
                "methods": run_stats, "judge": judge_info,
                "setup_seconds": {k: round(v, 2) for k, v in setup_s.items()},
                "embedding_cache": {"hits": ctx.embed.hits, "misses": ctx.embed.misses},

@@ -62,6 +62,7 @@ def validate(cfg: DictConfig) -> None:
             and set(v) <= {"train", "val", "test"}, "a non-empty list of distinct splits among train, val, test")
     require_all(cfg, s, [
         ("bank_batch_size", *INT1),
+        ("max_train_queries", *OPT_INT1),
         ("eval_ks", lambda v: len(v) > 0 and all(int_at_least(1)(k) for k in v), "a non-empty list of integers >= 1"),
         ("ckpt_every_n_steps", *OPT_INT1),
         ("gradient_clip_val", *OPT_POSITIVE),
@@ -159,6 +160,8 @@ def run(cfg: DictConfig) -> StageResult:
         for p in pairs if p["conv_id"] in train_convs
     ]
     train_rows = [r for r in train_rows if r["targets"]]
+    if st.max_train_queries is not None and len(train_rows) > st.max_train_queries:
+        train_rows = random.Random(cfg.seed).sample(train_rows, st.max_train_queries)  # fits the time budget
     train_rows += [
         {"input_ids": think_query_ids(tokenizer, s["context"], tok_ids.recall, mq), "kind": "think",
          "targets": [len(key_mems) + j]}

@@ -15,7 +15,8 @@ from tests.conftest import SMALL_TINY_SPEC
 
 
 def small_model_overrides(small_model_cfg: DictConfig) -> list[str]:
-    return [f"model.name_or_path={small_model_cfg.name_or_path}",
+    # model=tiny first: the default model group has no `tiny` block to override
+    return ["model=tiny", f"model.name_or_path={small_model_cfg.name_or_path}",
             *(f"model.tiny.{k}={v}" for k, v in SMALL_TINY_SPEC.items())]
 
 

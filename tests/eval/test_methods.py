@@ -18,10 +18,13 @@ from lightmem_exp.eval.methods import (
     EvalContext,
     LoadedModel,
     build_prompt,
+    decode,
     question_loglik,
     question_text,
     run_method,
+    session_lines,
     split_recall_output,
+    tokens_through,
 )
 from lightmem_exp.models.chat import chat_token_ids
 from tests.conftest import compose_config
@@ -112,11 +115,18 @@ def test_dense_and_hybrid_rag(env, name):
 
 @pytest.mark.slow
 def test_session_rank_prefilters_reranks_and_answers(env):
-    _, answers = _answer(env, "session_rank")
-    for a in answers:
+    conv = env[1]
+    ctx, answers = _answer(env, "session_rank")
+    tok = ctx.lm("base").tokenizer
+    n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for q, a in zip(conv.questions, answers, strict=True):
         assert sorted(a.retrieved_sessions) == sorted(a.extra["prefilter_sessions"]) and len(a.retrieved_sessions) == 2
         lls = a.extra["rerank_loglik"]
         assert lls == sorted(lls, reverse=True) and all(math.isfinite(x) and x < 0 for x in lls)
+        # the re-ranking pass runs the model over every pre-filtered session (short here: none is cut) + question
+        sessions = [s for s in conv.sessions if s["session"] in a.extra["prefilter_sessions"]]
+        assert a.scoring_tokens == sum(n_tokens("\n".join(session_lines(s)) + "\n") + n_tokens(f"\n{question_text(q)}")
+                                       for s in sessions) > a.prompt_tokens
     assert answers[0].extra["prefilter_sessions"][0] == 1  # MiniLM: the puppy question matches session 1
 
 
@@ -131,6 +141,8 @@ def test_recall_reads_the_conversation_bank(env):
         assert a.extra["recalls"] >= 1 and a.extra["recalled_memory_id"] in ids
         assert a.retrieved_memory_ids == a.extra["recall_candidates"] and len(a.retrieved_memory_ids) == 2
         assert a.generated_tokens <= NEW + 4
+        # the decoded memory is part of the generated tokens; without an end marker it is all answer
+        assert 0 <= a.memory_tokens <= a.generated_tokens and (a.memory_tokens > 0) == a.extra["end_marker_seen"]
         written = {m["id"] for m in conv.memories[:2]}
         assert a.extra["evidence_in_bank"] == bool(written & set(q["evidence_memory_ids"]))
     # bank sources: the conversation's memories step2 wrote (export, the default), step1's rows of all of them, or
@@ -156,6 +168,15 @@ def test_recall_rag_adds_the_dense_memories(env):
     for p, b in zip(plain, both, strict=True):
         assert b.prompt_tokens > p.prompt_tokens and len(b.retrieved_memory_ids) == 2
         assert b.extra["recalled_memory_id"] is not None
+
+
+def test_tokens_through_counts_the_tokens_up_to_the_end_of_the_marker(env):
+    lm = _ctx(env).lm("base")
+    ids = lm.tokenizer("Rex is a dog.</memory> Rex", add_special_tokens=False)["input_ids"]
+    n = tokens_through(lm, ids, "</memory>")
+    assert 0 < n < len(ids)
+    assert "</memory>" in decode(lm, ids[:n]) and "</memory>" not in decode(lm, ids[: n - 1])
+    assert tokens_through(lm, ids[:3], "</memory>") == 0 and tokens_through(lm, [], "</memory>") == 0
 
 
 def test_split_recall_output():
@@ -200,6 +221,8 @@ def test_harness_records_cost_per_question(env):
     for r in recs:
         assert r["latency_s"] > 0 and r["peak_mem_mb"] > 0 and r["method"] == "closed_book"
         assert r["evidence_memory_ids"] and r["prompt_tokens"] > 0
+        assert r["scoring_tokens"] == 0 and r["memory_tokens"] is None
+        assert r["processed_tokens"] == r["prompt_tokens"] + r["generated_tokens"]
     assert stats["answer_seconds"] > 0 and stats["peak_memory_kind"]
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from lightmem_exp.runtime import setup_runtime
 from lightmem_exp.stages import StageResult, run
-from tests.conftest import SMALL_TINY_SPEC, compose_config
+from tests.conftest import SMALL_TINY_SPEC, compose_config, on_tiny
 
 
 def small_model_args(small_model_cfg: DictConfig) -> list[str]:
@@ -96,7 +96,7 @@ def audited_writes(base: Path) -> list[tuple[str, Path]]:
 def start_cli(args: list[str], *, cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     """Start `python -m lightmem_exp args` with its output in `log` (a pipe could fill and stall the child)."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "lightmem_exp", *args], cwd=cwd, env=env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "lightmem_exp", *on_tiny(args)], cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
 
 

@@ -25,6 +25,8 @@ ALL = ["closed_book", "full_context", "rag_bm25", "rag_dense", "rag_hybrid", "se
      ("stage.ks=[0]", "stage.ks"), ("stage.rag.k=0", "stage.rag.k"), ("stage.recall.bank=disk", "stage.recall.bank"),
      ("stage.session_rank.top_sessions=0", "stage.session_rank.top_sessions"),
      ("stage.headline.method=oracle", "stage.headline.method"), ("stage.context_tokens=8", "stage.context_tokens"),
+     ("stage.bootstrap.resamples=0", "stage.bootstrap.resamples"),
+     ("stage.bootstrap.confidence=1.0", "stage.bootstrap.confidence"),
      ("stage.context_tokens=20", "stage.max_new_tokens"),
      ("stage.judge.enabled=true", None)],
 )
@@ -58,8 +60,9 @@ QUICK = ["stage.max_questions_per_conv=2", "stage.max_new_tokens=4", "stage.upda
 
 def test_missing_upstreams_are_named_in_the_report(make_cfg, tmp_path, small_locomo, small_model_cfg):
     common = _data(make_cfg, small_locomo, small_model_cfg)
-    result = run(make_cfg("stage=eval", *common, *QUICK, "stage.methods=[closed_book,rag_bm25,sft_adapter,recall]"))
-    m = result.manifest
+    cfg = make_cfg("stage=eval", *common, *QUICK, "stage.methods=[closed_book,rag_bm25,sft_adapter,recall]")
+    result = run(cfg)
+    m, st = result.manifest, cfg.stage
     assert m.stats["methods_run"] == ["closed_book", "rag_bm25"]
     assert set(m.stats["not_run"]) == {"sft_adapter", "recall"}
     assert "upstream sft not run" in m.stats["not_run"]["sft_adapter"]
@@ -68,11 +71,35 @@ def test_missing_upstreams_are_named_in_the_report(make_cfg, tmp_path, small_loc
     h = m.stats["headline"]
     assert h["requested"] == "recall/f1" and h["used"] == "closed_book/f1" and "recall not run" in h["fallback_reason"]
     assert result.headline == m.metrics["closed_book/f1"]
+    # intervals for both methods, the paired difference and added prompt tokens of rag_bm25 vs closed_book
+    n_q = sum(len(v) for v in m.stats["questions"].values())
+    for name in ("closed_book", "rag_bm25"):
+        for key in ("f1", "answerable/f1"):
+            assert m.metrics[f"{name}/{key}_ci_low"] <= m.metrics[f"{name}/{key}"] <= m.metrics[f"{name}/{key}_ci_high"]
+    d = "rag_bm25/diff_closed_book/f1"
+    assert m.metrics[d] == pytest.approx(m.metrics["rag_bm25/f1"] - m.metrics["closed_book/f1"])
+    assert m.metrics[d + "_ci_low"] <= m.metrics[d] <= m.metrics[d + "_ci_high"] and 0 <= m.metrics[d + "_p"] <= 1
+    assert m.metrics["rag_bm25/diff_closed_book/paired_n"] == n_q
+    assert m.metrics["rag_bm25/cost/added_prompt_tokens"] == pytest.approx(
+        m.metrics["rag_bm25/cost/prompt_tokens"] - m.metrics["closed_book/cost/prompt_tokens"])
+    assert "cost/added_prompt_ratio_recall_vs_rag_dense" not in m.metrics  # neither recall nor rag_dense ran
+    assert m.stats["settings"]["rag.k"].startswith(f"{st.rag.k} memories")
+    assert m.stats["settings"]["questions"].startswith(f"{n_q} from")
 
     text = (result.dir / "report.md").read_text()
     assert "**sft_adapter**: not run: upstream sft not run" in text and "**recall**: not run" in text
+    for needle in ("## Settings that bound this run",
+                   f"- session_rank: MiniLM pre-filter keeps {st.session_rank.prefilter} sessions",
+                   f"their first {st.session_rank.session_tokens} tokens, the top {st.session_rank.top_sessions}",
+                   "- max_new_tokens: 4", f"## Uncertainty: {st.bootstrap.confidence:.0%} bootstrap intervals",
+                   f"{st.bootstrap.resamples} resamples", "### F1 without category 5 (`answerable/f1`)",
+                   "processed tok/q",
+                   "Added prompt tokens, recall vs rag_dense: not measured"):
+        assert needle in text, needle
     rows = {r["method"]: r for r in csv.DictReader((result.dir / "summary.csv").open())}
     assert rows["recall"]["status"].startswith("not run") and rows["rag_bm25"]["status"] == "run"
+    assert float(rows["rag_bm25"]["diff_closed_book/f1"]) == pytest.approx(m.metrics[d], abs=1e-5)
+    assert float(rows["closed_book"]["f1_ci_high"]) == pytest.approx(m.metrics["closed_book/f1_ci_high"], abs=1e-5)
     preds = [json.loads(line) for line in (result.dir / "predictions.jsonl").read_text().splitlines()]
     n = len(preds) // 2
     assert n >= 2 and {p["method"] for p in preds} == {"closed_book", "rag_bm25"}
@@ -117,12 +144,27 @@ def test_every_method_with_every_upstream_and_the_judge(make_cfg, tmp_path, smal
         assert 0 <= m.metrics[f"update/{model}/json_ok"] <= 1 and m.metrics[f"update/{model}/n"] >= 1
     assert m.stats["headline"]["used"] == "recall/f1" and result.headline == m.metrics["recall/f1"]
     assert m.metrics["recall/cost/prompt_tokens"] < m.metrics["rag_dense/cost/prompt_tokens"]
+    # cost: recall adds only <recall> to the closed-book prompt; session_rank's scoring passes are counted
+    assert m.metrics["recall/cost/added_prompt_tokens"] == 1
+    ratio = m.metrics["cost/added_prompt_ratio_recall_vs_rag_dense"]
+    assert ratio == pytest.approx(1 / m.metrics["rag_dense/cost/added_prompt_tokens"])
+    assert m.metrics["cost/added_prompt_ratio_goal_met"] == float(ratio <= 0.1)
+    assert m.metrics["session_rank/cost/scoring_tokens"] > 0
+    for name in ALL:
+        c = f"{name}/cost/"
+        assert m.metrics[c + "processed_tokens"] == pytest.approx(
+            m.metrics[c + "prompt_tokens"] + m.metrics[c + "generated_tokens"] + m.metrics[c + "scoring_tokens"])
+        assert f"{name}/f1_ci_low" in m.metrics
+        assert (name == "closed_book") != (f"{name}/diff_closed_book/f1" in m.metrics)
+    assert 0 < m.metrics["full_context/context_coverage"] <= 1
+    assert "full_context kept on average" in m.stats["settings"]["context"]
 
     for rel in ("report.md", "summary.csv", "plots/accuracy_vs_prompt_tokens.png", "plots/per_category.png",
                 "update_decisions.jsonl", "judge.jsonl", "manifest.json", "config.yaml"):
         assert (sdir / rel).is_file(), rel
     text = (sdir / "report.md").read_text()
     assert "Every requested method ran." in text and "prompt sha256" in text and "| step2 |" in text
+    assert "(`cost/added_prompt_ratio_recall_vs_rag_dense`), goal <= 0.1: " in text
     for path in sdir.rglob("*"):  # the key is read from the environment and never written anywhere
         if path.is_file():
             assert b"sk-secret-do-not-save" not in path.read_bytes(), path
