@@ -5,7 +5,7 @@ Endpoints (JSON; wire format in `lightmem_exp.rl.reward_service`):
                   "active": batches scoring now, "cancelled": timed-out batches stopped early}
   POST /reward   a batch of (memory snapshot, questions) items -> one QA score per item
 
-It binds 127.0.0.1 unless `--host` says otherwise. When the environment variable named by `--token-env` (default
+FastAPI on uvicorn, the stack of `python -m lightmem_exp.serve`. It binds 127.0.0.1 unless `--host` says otherwise. When the environment variable named by `--token-env` (default
 LMX_REWARD_TOKEN) is set, every request needs `Authorization: Bearer <token>` (401 otherwise); the token is never
 read from the command line. A request body over `--max-body-mb` is refused (413), and a batch that takes longer
 than `--timeout-s` to score is answered 504: the client counts it as a failed reward, it is never replaced. The
@@ -13,36 +13,40 @@ scoring of a timed-out batch stops at its next item (one item is the unit of wor
 the `--workers` threads busy for nobody while later requests queue behind them.
 
     python -m lightmem_exp.reward_server --port 8765 --answerer local --top-k 5
-    python -m lightmem_exp.reward_server --answerer api --api-base-url http://localhost:8000/v1 --api-model m
+    python -m lightmem_exp.reward_server --answerer api --api-base-url http://127.0.0.1:8000/v1 \
+        --api-model lightmem-step2     # answers and verdicts from `python -m lightmem_exp.serve` on this machine
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
+import asyncio
 import json
 import logging
 import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lightmem_exp.memory.store import SEARCH_MODES, MemoryStore, TextEmbedder
 from lightmem_exp.rl.answerers import Answerer, RewardError, prefetch_embeddings
+from lightmem_exp.serve.http import UvicornServer, bearer_ok, warn_if_exposed
 
 log = logging.getLogger("lightmem_exp.reward_server")
 
 
-class RewardServer(ThreadingHTTPServer):
-    daemon_threads = True
+class RewardServer(UvicornServer):
+    """The reward app (FastAPI) on uvicorn. Batches are scored in a pool of `workers` threads, off the event loop."""
 
     def __init__(self, address: tuple[str, int], answerer: Answerer, *, token: str | None = None,
                  timeout_s: float = 60.0, max_body_bytes: int = 64 << 20, search_mode: str = "hybrid",
                  workers: int = 2):
-        super().__init__(address, _Handler)
+        from concurrent.futures import ThreadPoolExecutor
+
         self.answerer, self.token, self.timeout_s = answerer, token or None, timeout_s
         self.max_body_bytes, self.search_mode = max_body_bytes, search_mode
         self.embedder = TextEmbedder()  # shared across requests: consecutive batches repeat most texts
@@ -50,6 +54,7 @@ class RewardServer(ThreadingHTTPServer):
         self.served = self.failed = self.cancelled = 0
         self.active = 0  # batches being scored right now (health reports it)
         self._lock = threading.Lock()
+        super().__init__(self._app(), *address)
 
     def score(self, payload: dict, cancel: threading.Event | None = None) -> dict:
         mode = payload.get("search_mode", self.search_mode)
@@ -88,75 +93,61 @@ class RewardServer(ThreadingHTTPServer):
         self.pool.shutdown(wait=False, cancel_futures=True)
         super().server_close()
 
+    def _fail(self, status: int, message: str) -> JSONResponse:
+        with self._lock:
+            self.failed += 1
+        return JSONResponse({"error": message}, status_code=status)
 
-class _Handler(BaseHTTPRequestHandler):
-    server: RewardServer
-    protocol_version = "HTTP/1.1"
+    def _app(self) -> FastAPI:
+        app = FastAPI(title="lightmem_exp reward server", docs_url=None, redoc_url=None, openapi_url=None,
+                      max_body_size=self.max_body_bytes)  # 413 past it, before the body is read
 
-    def log_message(self, fmt: str, *args) -> None:  # route through logging instead of stderr
-        log.info("%s %s", self.address_string(), fmt % args)
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+            return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
 
-    def _send(self, status: int, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        def unauthorised(request: Request) -> JSONResponse | None:
+            if bearer_ok(request.headers.get("authorization"), self.token):
+                return None
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
 
-    def _authorised(self) -> bool:
-        if not self.server.token:
-            return True
-        header = self.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
-        return hmac.compare_digest(given.encode(), self.server.token.encode())
+        @app.get("/health")
+        def health(request: Request) -> JSONResponse:
+            return unauthorised(request) or JSONResponse({
+                "status": "ok", "answerer": self.answerer.name, "search_mode": self.search_mode,
+                "auth": bool(self.token), "served": self.served, "failed": self.failed, "active": self.active,
+                "cancelled": self.cancelled})
 
-    def do_GET(self) -> None:
-        if not self._authorised():
-            return self._send(401, {"error": "missing or wrong bearer token"})
-        if self.path != "/health":
-            return self._send(404, {"error": f"no such endpoint {self.path}"})
-        self._send(200, {"status": "ok", "answerer": self.server.answerer.name,
-                         "search_mode": self.server.search_mode, "auth": bool(self.server.token),
-                         "served": self.server.served, "failed": self.server.failed,
-                         "active": self.server.active, "cancelled": self.server.cancelled})
+        @app.post("/reward")
+        async def reward(request: Request) -> JSONResponse:
+            if denied := unauthorised(request):
+                return denied
+            try:
+                payload = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return JSONResponse({"error": f"the body is not JSON: {e}"}, status_code=400)
+            start = time.perf_counter()
+            cancel = threading.Event()
+            future = self.pool.submit(self.score, payload, cancel)
+            try:
+                result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.timeout_s)
+            except TimeoutError:
+                cancel.set()  # a running batch stops at its next item; a queued one never starts
+                future.cancel()
+                return self._fail(504, f"scoring took longer than {self.timeout_s} s")
+            except ValueError as e:
+                return self._fail(400, str(e))
+            except RewardError as e:
+                return self._fail(502, str(e))
+            except Exception as e:  # noqa: BLE001 - report any scoring failure to the client as an error, never a reward
+                log.exception("scoring failed")
+                return self._fail(500, f"{type(e).__name__}: {e}")
+            with self._lock:
+                self.served += 1
+            result["seconds"] = round(time.perf_counter() - start, 4)
+            return JSONResponse(result)
 
-    def do_POST(self) -> None:
-        if not self._authorised():
-            return self._send(401, {"error": "missing or wrong bearer token"})
-        if self.path != "/reward":
-            return self._send(404, {"error": f"no such endpoint {self.path}"})
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > self.server.max_body_bytes:
-            self.close_connection = True
-            return self._send(413, {"error": f"body of {length} bytes is over the limit"})
-        try:
-            payload = json.loads(self.rfile.read(length).decode())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return self._send(400, {"error": f"the body is not JSON: {e}"})
-        start = time.perf_counter()
-        cancel = threading.Event()
-        future = self.server.pool.submit(self.server.score, payload, cancel)
-        try:
-            result = future.result(timeout=self.server.timeout_s)
-        except FutureTimeout:
-            cancel.set()  # a running batch stops at its next item; a queued one never starts
-            future.cancel()
-            self.server.failed += 1
-            return self._send(504, {"error": f"scoring took longer than {self.server.timeout_s} s"})
-        except ValueError as e:
-            self.server.failed += 1
-            return self._send(400, {"error": str(e)})
-        except RewardError as e:
-            self.server.failed += 1
-            return self._send(502, {"error": str(e)})
-        except Exception as e:  # noqa: BLE001 - report any scoring failure to the client as an error, never a reward
-            self.server.failed += 1
-            log.exception("scoring failed")
-            return self._send(500, {"error": f"{type(e).__name__}: {e}"})
-        self.server.served += 1
-        result["seconds"] = round(time.perf_counter() - start, 4)
-        self._send(200, result)
+        return app
 
 
 def make_answerer(args: argparse.Namespace) -> Answerer:
@@ -208,9 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_server(args: argparse.Namespace) -> RewardServer:
     token = os.environ.get(args.token_env) if args.token_env else None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("binding %s without a bearer token: anyone who can reach it can use it (set %s)",
-                    args.host, args.token_env)
+    warn_if_exposed(args.host, token, args.token_env)
     return RewardServer((args.host, args.port), make_answerer(args), token=token, timeout_s=args.timeout_s,
                         max_body_bytes=int(args.max_body_mb * (1 << 20)), search_mode=args.search,
                         workers=args.workers)
@@ -222,13 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     server = build_server(args)
-    host, port = server.server_address[:2]
-    log.info("reward server on http://%s:%d (answerer %s, auth %s)", host, port, server.answerer.name,
+    log.info("reward server on %s (answerer %s, auth %s)", server.url, server.answerer.name,
              "on" if server.token else "off")
     try:
+        # uvicorn stops gracefully on Ctrl+C / SIGTERM, then raises the signal again (SIGTERM then ends the process)
         server.serve_forever()
     except KeyboardInterrupt:
-        log.info("stopping")
+        log.info("stopped")
     finally:
         server.server_close()
 

@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-GROUPS = ("G1", "G2", "G3", "G4", "G5", "G6", "G8", "E1", "G7", "CAPACITY")
+GROUPS = ("G1", "G2", "G3", "G4", "G5", "G6", "G8", "E1", "G7", "S1", "CAPACITY")
 # E1 (the E1 row and the E1 cost table): issue 13, in bench/eval_rows.py; G7: bench/g7_adrpo.py;
-# G4-G6 and CAPACITY: bench/train_cases.py
+# G4-G6 and CAPACITY: bench/train_cases.py; S1 (served tokens/s): bench/serve_rows.py
 log = logging.getLogger("lightmem_exp.bench")
 
 
@@ -121,6 +121,11 @@ def run(args: argparse.Namespace, omp_policy_set_here: bool = False) -> list[dic
 
         log.info("G7: adrpo rollouts and reward share")
         rows += g7_rows(locomo, quick=args.quick, repeats=args.repeats, seed=s.seed, explain=G7_EXPLAIN)
+    if "S1" in args.only:
+        from lightmem_exp.bench.serve_rows import serve_rows
+
+        log.info("S1: served tokens/s at 1, 4 and 16 concurrent requests vs one generate_with_recall batch")
+        rows += serve_rows(locomo, quick=args.quick, repeats=args.repeats, seed=s.seed)
     if {"G4", "G5", "G6"} & set(args.only):
         from lightmem_exp.bench.train_cases import train_rows
 

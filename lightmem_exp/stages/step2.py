@@ -7,7 +7,8 @@ Outputs (stage dir):
                     model was trained to decode; the full step1 bank stays upstream
   export/adapter    the adapter alone (LoRA + trainable token rows), applies to the plain base with `load_adapter`
   epoch_draws.jsonl every epoch's re-draw: pool indices per sample type, memory ids per type
-  recall.jsonl      the final recall of every written memory (recalled text, exact match, token F1)
+  recall.jsonl      the final recall of every written memory and of `unwritten_size` never-written ones (split
+                    "unwritten"): recalled text, exact match, token F1
   demo.jsonl        question -> <recall> -> memory -> continuation, generated from the export with the bank
 """
 
@@ -76,6 +77,7 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, s + "full_think_only", lambda v: isinstance(v, bool), "true or false")
     require(cfg, s + "train_memory_vocab", lambda v: isinstance(v, bool), "true or false")
     require(cfg, s + "guard_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    require(cfg, s + "unwritten_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     require(cfg, s + "recall_test.sample_size", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     require(cfg, s + "recall_test.every_n_epochs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
     require(cfg, s + "recall_test.prompt", lambda v: isinstance(v, str), "a string")
@@ -116,6 +118,12 @@ def _guard_set(pool: list[dict], size: int, ds: MixedMemorySFTDataset, seed: int
     plain = [r for r in pool if not ds.conversation_has_think(r)]
     return draw_within_limit(plain, size, n_tokens=ds.chat_length, max_tokens=ds.sft_max_tokens,
                              rng=random.Random(f"step2-guard/{seed}"), what="step2 guard set").items
+
+
+def _unwritten_sample(bank: MemoryBank, written_ids: set[str], n: int, seed: int) -> list[int]:
+    """Bank rows of `n` memories step2 does not write (seeded), in bank order."""
+    rows = [i for i, mid in enumerate(bank.ids) if mid not in written_ids]
+    return sorted(random.Random(f"step2-unwritten/{seed}").sample(rows, min(n, len(rows))))
 
 
 def _demo_rows(pairs: list[dict], splits: dict, written_ids: set[str], n: int, seed: int) -> list[dict]:
@@ -222,6 +230,15 @@ def run(cfg: DictConfig) -> StageResult:
         for key in ("exact_match", "token_f1"):
             metrics[f"recall/{split}/{key}"] = sum(r[key] for r in rows) / len(rows)
     metrics["headline"] = metrics["recall/exact_match"]
+    unwritten = _unwritten_sample(bank, {m["id"] for m in written}, st.unwritten_size, cfg.seed)
+    if unwritten:  # generalisation: memories never trained on, decoded from their step1 vectors
+        entries = [bank.entries[i] for i in unwritten]
+        longest = max(len(ids) for ids in tokenizer([e["text"] for e in entries], add_special_tokens=False)["input_ids"])
+        scores, rows = recall_eval(model, tokenizer, entries, bank.injection_vectors(unwritten, device=device),
+                                   prompt_ids=prompt_ids, memory_pad_id=tok_ids.memory_pad, marker_ids=marker_ids,
+                                   max_new_tokens=st.recall_test.max_new_tokens or longest + len(marker_ids) + 8)
+        metrics.update({f"recall/unwritten/{k}": v for k, v in scores.items()})
+        recall_rows += [{**r, "split": "unwritten"} for r in rows]
     write_jsonl(sdir / "recall.jsonl", recall_rows)
 
     export = sdir / "export"

@@ -76,7 +76,8 @@ def test_step2_ddp_two_cpu_processes_only_rank0_writes(tmp_path, small_locomo):
     env = {"PYTHONPATH": os.pathsep.join([str(audit), os.environ.get("PYTHONPATH", "")]),
            "LMX_AUDIT_LOG": str(log_dir), "LMX_AUDIT_ROOT": str(sdir)}
     r = run_cli("stage=step2", "stage.max_epochs=2", "stage.batch_size=2", "stage.guard_size=2",
-                "stage.recall_test.sample_size=2", "stage.demo_size=1", "stage.demo_max_new_tokens=4",
+                "stage.recall_test.sample_size=2", "stage.recall_test.every_n_epochs=1", "stage.demo_size=1",
+                "stage.demo_max_new_tokens=4",
                 "stage.sft_max_tokens=128", "trainer=ddp", "trainer.lightning.accelerator=cpu",
                 "trainer.lightning.devices=2", "trainer.threads=1", *common, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-4000:]

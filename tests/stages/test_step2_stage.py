@@ -22,11 +22,11 @@ def _data_step1_step2(tmp_path, small_locomo, *step2: str) -> None:
 
 def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
     _data_step1_step2(tmp_path, small_locomo, "stage.max_epochs=2", "stage.guard_size=4", "stage.demo_size=2",
-                      "stage.demo_max_new_tokens=8")
+                      "stage.demo_max_new_tokens=8", "stage.recall_test.every_n_epochs=1", "stage.unwritten_size=3")
     out = tmp_path / "outputs" / "default"
     sdir = out / "step2"
     m = json.loads((sdir / "manifest.json").read_text())
-    for key in ("recall/exact_match", "recall/token_f1"):
+    for key in ("recall/exact_match", "recall/token_f1", "recall/unwritten/exact_match", "recall/unwritten/token_f1"):
         assert 0.0 <= m["metrics"][key] <= 1.0, key
     assert m["metrics"]["guard/ppl_before"] > 1 and m["metrics"]["guard/ppl_after"] > 1
     assert m["inputs"]["step1"]["stage"] == "step1" and m["inputs"]["data"]["stage"] == "data"
@@ -36,7 +36,9 @@ def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
 
     written = [json.loads(x) for x in (out / "step1" / "written_memories.jsonl").read_text().splitlines()]
     recall = [json.loads(x) for x in (sdir / "recall.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in recall] == [w["id"] for w in written] and len(written) == 4
+    assert [r["id"] for r in recall if r["split"] != "unwritten"] == [w["id"] for w in written] and len(written) == 4
+    unwritten = [r["id"] for r in recall if r["split"] == "unwritten"]
+    assert len(unwritten) == 3 and not set(unwritten) & {w["id"] for w in written}  # never-written memories only
     draws = [json.loads(x) for x in (sdir / "epoch_draws.jsonl").read_text().splitlines()]
     assert [d["epoch"] for d in draws] == [0, 1] and draws[0]["pool_indices"] != draws[1]["pool_indices"]
     assert sum(len(v) for v in draws[0]["pool_indices"].values()) == 6   # 4 memories x 1.5
