@@ -55,8 +55,9 @@ def format_reply(question: str, c: Completion, mm: MemoryModel) -> str:
         lines.append("recall: none (the model did not emit <recall>)")
     for i, t in enumerate(c.recall_trace, start=1):
         verbatim = " (decoded verbatim)" if t["decoded_text"] == t["memory_text"] else ""
+        unclosed = "" if t["closed"] else f"  (no {mm.end_marker} before the next recall or the end)"
         lines += [f"recall {i}: memory {t['memory_id']} (score {t['score']:.3f})",
-                  f"  decoded: {t['decoded_text'] or '(no end marker ' + repr(mm.end_marker) + ' decoded)'}",
+                  f"  decoded: {t['decoded_text']}{unclosed}",
                   f"  memory:  {t['memory_text']}{verbatim}",
                   "  top:     " + " | ".join(f"{x['memory_id']} {x['score']:.3f}" for x in t["candidates"])]
     lines.append(f"[{mm.name}: prompt {c.prompt_tokens} tokens, generated {c.completion_tokens}, "

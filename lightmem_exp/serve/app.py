@@ -11,7 +11,8 @@
   GET  /health               status, model, queue length and counters
 
 The recall trace is the extra field `choices[0].recall_trace` (in a stream: on the chunk carrying `finish_reason`):
-one item per recall, `{memory_id, index, score, candidates: [{memory_id, score}], memory_text, decoded_text}`
+one item per recall, `{memory_id, index, score, candidates: [{memory_id, score}], memory_text, decoded_text,
+closed}`
 (see `lightmem_exp.serve.engine`); [] for a reply without recall and for models without a bank. With the `openai`
 client: `completion.choices[0].recall_trace`. `content` is the answer: for a recall model, the text after the
 decoded memory's end marker.

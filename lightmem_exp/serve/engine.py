@@ -9,7 +9,8 @@ token and cancellation, and the streamed text. A recall row's output is `memory 
 
 The recall trace of a reply, one item per recall: `memory_id`, `index` (bank row), `score` (raw cosine of the chosen
 memory), `candidates` (the top `top_k_trace` as `{memory_id, score}`), `memory_text` (the bank's text of the chosen
-memory) and `decoded_text` (what the model decoded from its vector, up to the end marker).
+memory), `decoded_text` (what the model decoded from its vector, up to the end marker, else up to the next recall or
+the end of the output) and `closed` (whether the end marker closed it).
 
 `Engine` batches concurrent requests per tick: its worker takes the oldest waiting request and every one arriving
 within `batch_wait_s` of the previous (at most `max_batch`), and runs each group sharing sampling settings as one
@@ -175,13 +176,16 @@ class _Rows(StoppingCriteria):
         return results
 
     def _trace(self, items: list[dict], new: list[int]) -> list[dict]:
-        bank, marker = self.mm.bank, self.mm.end_marker
+        out = []
         steps = [t["step"] for t in items] + [len(new)]
-        return [{"memory_id": t["memory_id"], "index": t["index"], "score": t["score"],
-                 "candidates": [{"memory_id": mid, "score": s} for mid, s in t["candidates"]],
-                 "memory_text": bank.entries[t["index"]]["text"],
-                 "decoded_text": split_recall_output(self._decode(new[t["step"] + 1 : end]), marker)[0]}
-                for t, end in zip(items, steps[1:], strict=True)]
+        for t, end in zip(items, steps[1:], strict=True):
+            span = self._decode(new[t["step"] + 1 : end])  # from the injected vector to the next recall or the end
+            cut = span.find(self.mm.end_marker)
+            out.append({"memory_id": t["memory_id"], "index": t["index"], "score": t["score"],
+                        "candidates": [{"memory_id": mid, "score": s} for mid, s in t["candidates"]],
+                        "memory_text": self.mm.bank.entries[t["index"]]["text"],
+                        "decoded_text": (span[:cut] if cut >= 0 else span).strip(), "closed": cut >= 0})
+        return out
 
 
 def _hold_back(answer: str, stop: Sequence[str]) -> str:

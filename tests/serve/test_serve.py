@@ -70,6 +70,9 @@ def test_reply_and_trace_equal_generate_with_recall(recall_mm, recall_server):
     assert trace_key(choice.recall_trace) == trace_key(direct) and len(direct) == 1
     item = choice.recall_trace[0]
     assert item["memory_text"] == recall_mm.bank.entries[item["index"]]["text"]
+    # an untrained model closes no memory: the trace shows what it decoded from the vector all the same
+    assert item["closed"] is False and item["decoded_text"] == recall_mm.tokenizer.decode(
+        new[1:], skip_special_tokens=True).strip()
     assert len(item["candidates"]) == 5 and item["candidates"][0]["memory_id"] == item["memory_id"]
 
 
@@ -162,6 +165,7 @@ def test_recall_rows_split_memory_and_answer(recall_mm):
     assert c.finish_reason == "length" and c.completion_tokens == marker_end + 3
     assert c.content == tok.decode(answer_ids[:3]).strip()
     assert c.recall_trace[0]["decoded_text"] == memory == c.recall_trace[0]["memory_text"]
+    assert c.recall_trace[0]["closed"] is True
 
     pieces: list[str] = []
     rows, c = run(GenRequest(prompt, max_tokens=100, stop=("STOP",), on_text=pieces.append))
