@@ -27,10 +27,10 @@ DATA_ROOT = Path(os.environ.get("LMX_DATA", PROJECT_ROOT.parent / "shared" / "da
 
 
 def on_tiny(args: list[str] | tuple[str, ...]) -> list[str]:
-    """Command-line overrides with `model=tiny` first unless they choose a model or an experiment preset (which
+    """Command-line overrides with `model=tiny` added unless they choose a model or an experiment preset (which
     chooses its own): the default model (smollm2) is the real run's, the tests run on the tiny one."""
     chosen = any(a.startswith(("model=", "experiment=")) for a in args)
-    return list(args) if chosen else ["model=tiny", *args]
+    return list(args) if chosen else [*args, "model=tiny"]  # last: leading flags such as -m stay first
 
 
 def compose_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from lightmem_exp.artifacts import Manifest
 from lightmem_exp.bench.rows import make_row, side
 from lightmem_exp.bench.timing import Stats
-from lightmem_exp.config import CONF_DIR
+from lightmem_exp.bench.train_cases import stage_config
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,7 @@ K = 5  # the rag.k the goal is set at (eval.report.ADDED_PROMPT_GOAL_K)
 
 def eval_config(overrides: list[str]) -> DictConfig:
     """The eval stage's config composed as the CLI would, on the tiny model (nothing written)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=["stage=eval", "model=tiny", "logger=none", *overrides])
-    finally:
-        GlobalHydra.instance().clear()
+    return stage_config("eval", overrides)
 
 
 def stand_in_step2(cfg: DictConfig) -> Manifest:

@@ -36,17 +36,22 @@ KINDS = ("memory_front", "memory_full", "sft_only")
 # ---- setup ---------------------------------------------------------------------------------------------------
 
 
-def step2_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The real config tree composed as the CLI would for `stage=step2` (no Hydra run dir, nothing written)."""
+def stage_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The real config tree composed as the CLI would for `stage=<stage>` on the tiny model (nothing written)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=["stage=step2", "model=tiny", "logger=none", *overrides])
+            return compose(config_name="config",
+                           overrides=[f"stage={stage}", "model=tiny", "logger=none", *overrides])
     finally:
         GlobalHydra.instance().clear()
+
+
+def step2_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    return stage_config("step2", overrides)
 
 
 @dataclass

@@ -52,7 +52,8 @@ def test_defaults_validate_and_upstreams_are_checked_first(make_cfg):
 
 SMALL = ["stage.expert.max_train_conversations=2", "stage.expert.train_sessions=2", "stage.sft.max_samples=16",
          "stage.sft.max_epochs=1", "stage.rl.max_steps=2", "stage.rl.group_size=2", "stage.rl.max_new_tokens=48",
-         "stage.heldout.max_conversations=1", "stage.heldout.sessions=1"]
+         "stage.heldout.max_conversations=1", "stage.heldout.sessions=1",
+         "stage.train_reply_vocab=true"]  # the tiny model needs the reply-token rows (the smollm2 default is false)
 
 
 @pytest.mark.slow
