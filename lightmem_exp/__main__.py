@@ -33,7 +33,6 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    log.info("stage %s done: %s (headline %.4g)", result.stage, result.dir, result.headline)
     return float(result.headline)
 
 

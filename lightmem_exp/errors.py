@@ -23,7 +23,7 @@ class ConfigError(LmxError):
     """A config value rejected before any work starts."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.detail = key, message
         super().__init__(f"config '{key}': {message}")
 
 

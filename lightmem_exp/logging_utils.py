@@ -1,4 +1,4 @@
-"""Experiment loggers chosen by `logger=`: wandb (offline by default), csv, or none.
+"""Experiment loggers chosen by `logger=`: wandb (offline by default), csv, or none; and Lightning's console lines.
 
 The wandb run id is kept in the stage dir so a resumed stage continues the same run.
 """
@@ -17,12 +17,35 @@ from lightmem_exp.artifacts import write_text
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id.txt"
+# On import `lightning` adds its own console handler, and `lightning.pytorch`/`.fabric` do when the root has none.
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"  # start of the advert Lightning logs at every Trainer()
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LITLOGGER_TIP)
+
+
+def quiet_lightning_console() -> None:
+    """Where the root logger has handlers (Hydra's console and run log), Lightning's records go through them only:
+    its own console handlers are removed (`lightning` keeps propagating too, so each line printed twice), and the
+    litlogger advert is dropped at the logger that emits it."""
+    if logging.getLogger().handlers:
+        for name in LIGHTNING_LOGGERS:
+            logger = logging.getLogger(name)
+            for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(handler)
+            logger.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLitLoggerTip())
 
 
 def make_logger(cfg: DictConfig, sdir: Path) -> Logger | None:
     """The Lightning logger for a stage run in `sdir` (None for logger=none or WANDB_MODE=disabled)."""
     name = cfg.logger.name
-    stage = cfg.stage.name
+    stage = cfg.stage
     if name == "csv":
         return CSVLogger(save_dir=str(sdir), name="csv", version="")
     if name == "wandb" and cfg.logger.mode != "disabled":

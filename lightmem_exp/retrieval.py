@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from itertools import chain
 
@@ -18,8 +18,11 @@ import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 
 log = logging.getLogger(__name__)
+# bm25s sets its logger to DEBUG and logs a line per index built (thousands per adrpo run): warnings only.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant
+MINILM_DIM = 384  # width of an all-MiniLM-L6-v2 embedding
 
 
 # bm25s.tokenize(texts, stopwords="en"): lowercase, words of 2+ word characters, English stopwords removed.
@@ -106,6 +109,33 @@ def minilm():
 def embed_texts(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     return minilm().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+
+class TextEmbedder:
+    """Unit-norm text embeddings (`embed_texts`, or `encode`), kept per text for the life of the object: adrpo
+    rollouts of one group share almost every memory entry, and LongMemEval haystacks draw their sessions from a
+    shared pool. At most `max_texts` are kept (about 1.5 kB each); when full, new texts are embedded without being
+    kept. `hits`/`misses` count texts served from / missing in the cache."""
+
+    def __init__(self, encode: Callable[[Sequence[str]], np.ndarray] | None = None, max_texts: int = 200_000):
+        self._encode = encode
+        self.cache: dict[str, np.ndarray] = {}
+        self.max_texts = max_texts
+        self.hits = self.misses = 0
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        self.hits += len(texts) - len(todo)
+        self.misses += len(todo)
+        fresh: dict[str, np.ndarray] = {}
+        if todo:
+            vectors = np.asarray((self._encode or embed_texts)(todo), dtype=np.float32)
+            fresh = dict(zip(todo, vectors, strict=True))
+        room = max(self.max_texts - len(self.cache), 0)
+        self.cache.update(list(fresh.items())[:room])
+        if not texts:
+            return np.zeros((0, MINILM_DIM), np.float32)
+        return np.stack([self.cache[t] if t in self.cache else fresh[t] for t in texts])
 
 
 class DenseRetriever:

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from lightmem_exp.retrieval import BM25Retriever, DenseRetriever, HybridRetriever, ranking_metrics
+from lightmem_exp import retrieval
+from lightmem_exp.retrieval import BM25Retriever, DenseRetriever, HybridRetriever, TextEmbedder, ranking_metrics
 
 DOCS = ["Caroline went to the LGBTQ support group", "Melanie painted a sunrise by the lake",
         "Caroline is researching adoption agencies", "The weather was cold in Boston"]
@@ -54,3 +55,36 @@ def test_bm25_index_and_results_equal_bm25s_own_build():
                                        show_progress=False)
     idx, scores = ours.search(queries, 3)
     assert np.array_equal(idx, ref_idx) and np.array_equal(scores, ref_scores)
+
+
+def test_text_embedder_embeds_each_text_once_and_stops_keeping_when_full(monkeypatch):
+    calls: list[list[str]] = []
+
+    def fake(texts, batch_size=64):
+        calls.append(list(texts))
+        return np.asarray([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(retrieval, "embed_texts", fake)
+    cache = TextEmbedder(max_texts=3)
+    first = cache(["aa", "b", "aa"])
+    assert first.tolist() == [[2, 1], [1, 1], [2, 1]] and calls == [["aa", "b"]]
+    # "b" is kept; of the two new texts only one fits. A cache that was emptied when full lost "b" mid-call.
+    again = cache(["b", "cccc", "ddd"])
+    assert again.tolist() == [[1, 1], [4, 1], [3, 1]] and calls[-1] == ["cccc", "ddd"]
+    assert (cache.hits, cache.misses) == (2, 4)
+    cache(["ddd"])
+    assert calls[-1] == ["ddd"]  # not kept (cache full), so embedded again
+    assert cache([]).shape == (0, retrieval.MINILM_DIM)
+
+
+def test_text_embedder_takes_its_encoder():
+    calls: list[list[str]] = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return np.eye(4, dtype=np.float32)[: len(texts)]
+
+    emb = TextEmbedder(encode)
+    emb(["a", "b", "a"])
+    emb(["b", "c"])
+    assert calls == [["a", "b"], ["c"]] and emb(["c", "a"]).shape == (2, 4)

@@ -48,8 +48,17 @@ from lightmem_exp.backends.json_repair import (
     validate_decision,
     validate_metadata,
 )
+from lightmem_exp.config.checks import int_min
 from lightmem_exp.errors import ConfigError
 from lightmem_exp.models.chat import chat_token_ids
+from lightmem_exp.models.loading import (
+    check_adapter_base,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    pretrained_model_cfg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +123,18 @@ class LocalHFLoraConfig:
         if not isinstance(raw.get("base_model"), str) or not raw["base_model"]:
             raise ConfigError(f"{prefix}.base_model", "must be a hub id or a local directory")
         c = cls(**raw)
+        try:
+            int_min(c, "max_seq_len", 8)
+            int_min(c, "max_retries", 0)
+            int_min(c, "batch_size", 1)
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}.{e.key}", e.detail) from None
         for key, ok, expect in (
-            ("max_seq_len", isinstance(c.max_seq_len, int) and c.max_seq_len >= 8, "an integer >= 8"),
-            ("max_retries", isinstance(c.max_retries, int) and c.max_retries >= 0, "an integer >= 0"),
-            ("batch_size", isinstance(c.batch_size, int) and c.batch_size >= 1, "an integer >= 1"),
             ("gen_kwargs", isinstance(c.gen_kwargs, dict), "a mapping of generate() arguments"),
             ("adapter_path", c.adapter_path is None or isinstance(c.adapter_path, str), "a directory or null"),
         ):
-            if not ok or isinstance(getattr(c, key), bool):
+            if not ok:
                 raise ConfigError(f"{prefix}.{key}", f"got {getattr(c, key)!r}, expected {expect}")
-        from lightmem_exp.models.loading import parse_dtype
-
         try:
             parse_dtype(c.torch_dtype)
         except ConfigError as e:
@@ -142,8 +152,8 @@ class LocalHFLoraConfig:
 
     def model_cfg(self) -> dict:
         """The `model` config mapping `load_model`/`load_tokenizer`/`load_adapter` take."""
-        return {"name": "local_hf_lora", "name_or_path": self.base_model, "build": None, "init": "pretrained",
-                "torch_dtype": self.torch_dtype, "attn_implementation": self.attn_implementation}
+        return pretrained_model_cfg({"name": "local_hf_lora", "torch_dtype": self.torch_dtype,
+                                     "attn_implementation": self.attn_implementation}, self.base_model)
 
     def device(self) -> str | None:
         if self.device_map in (None, "auto"):
@@ -227,8 +237,6 @@ class LocalHFLoraBackend:
         return backend
 
     def _load(self, data_root: str | Path) -> tuple[GenerateFn, Callable[[Chat], int]]:
-        from lightmem_exp.models.loading import check_adapter_base, load_adapter, load_model, load_tokenizer
-
         c = self.config
         model_cfg = c.model_cfg()
         if c.adapter_path:  # refuse an adapter made for another base before loading anything big

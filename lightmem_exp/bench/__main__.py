@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     hf_logging.set_verbosity_error()
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # one INFO line per index build otherwise
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

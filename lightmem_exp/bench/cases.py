@@ -39,7 +39,7 @@ class Settings:
     bm25_queries: int = 100
     bm25_k: int = 10
     bm25_min_agreement: float = 0.9
-    train_batches: int = 2          # G4-G6: step2 batches (of stage.batch_size) per timed pass
+    train_batches: int = 2          # G4-G6: step2 batches (of step2.batch_size) per timed pass
     train_repeats: int = 7          # G4-G6: timed repeats per side (each is whole training steps)
     rss: bool = True                # G4: peak RSS of each side in a fresh process
     capacity_sizes: tuple[int, ...] = (64, 256, 1024, 0)   # 0: every train-split memory

@@ -8,10 +8,10 @@
   what RAG pays in prefill.
 
 Both come from one run of the eval stage's methods (`eval.methods.run_method`) on the questions the stage selects by
-default (its `conf/stage/eval.yaml`, test-split conversations of the bundled LoCoMo file, data built by the data
+default (its `EvalConfig`, test-split conversations of the bundled LoCoMo file, data built by the data
 stage's `build_dataset`), summarised by `stages.eval.summarize`, the table rendered by `eval.report.cost_table`.
 The model is the tiny one, as in every bench row. recall needs a step2 export and the bench trains none, so the base
-tiny model stands in for it with `stage.recall.bank=encode` (the conversation's memories encoded by that model): its
+tiny model stands in for it with `eval.recall.bank=encode` (the conversation's memories encoded by that model): its
 prompt is exactly recall's (the closed-book prompt + `<recall>`, checked per question), but an untrained model does
 not close the memory with the end marker, so its decode count is a ceiling (max_new_tokens + recall.memory_tokens
 unless it stops at end-of-sequence). Token counts are deterministic, so the methods run once (no repeats); the
@@ -50,16 +50,18 @@ def stand_in_step2(cfg: DictConfig) -> Manifest:
 
 def eval_cost_rows(locomo_path: Path, *, seed: int = 0, quick: bool = False) -> tuple[list[dict], dict]:
     """The `E1` row and the `E1 cost` table (markdown and the cost metrics), from one run of the eval methods."""
+    from lightmem_exp.config import typed
     from lightmem_exp.data import build_dataset
     from lightmem_exp.eval import report
     from lightmem_exp.eval.methods import GROUP_ORDER, METHODS, EvalContext, run_method
     from lightmem_exp.retrieval import minilm
-    from lightmem_exp.stages.eval import conversations_of, not_run_reasons, summarize, validate
+    from lightmem_exp.stages import validate
+    from lightmem_exp.stages.eval import conversations_of, not_run_reasons, summarize
 
-    cfg = eval_config([f"seed={seed}", f"data.path={locomo_path}", f"stage.rag.k={K}", "stage.recall.bank=encode",
-                       "progress=false", *(["stage.max_questions_per_conv=2"] if quick else [])])
+    cfg = eval_config([f"seed={seed}", f"data.path={locomo_path}", f"eval.rag.k={K}", "eval.recall.bank=encode",
+                       "progress=false", *(["eval.max_questions_per_conv=2"] if quick else [])])
     validate(cfg)
-    st, d = cfg.stage, cfg.data
+    st, d = typed(cfg, "eval"), cfg.data
     built = build_dataset(d.name, Path(d.path), None, lambda _: 0, seed=int(cfg.seed),
                           split_fractions=tuple(d.split_fractions), context_window=int(d.context_window),
                           progress=False)
@@ -73,13 +75,13 @@ def eval_cost_rows(locomo_path: Path, *, seed: int = 0, quick: bool = False) -> 
     for group in GROUP_ORDER:
         for m in (m for m in runnable if m.group == group):
             log.info("E1: eval method %s", m.name)
-            recs, stats = run_method(m, convs, batch_size=int(st.batch_size))
+            recs, stats = run_method(m, convs, batch_size=st.batch_size)
             records += recs
             prepare_s[m.name] = round(stats["prepare_seconds"], 2)
         ctx.release(group)
     for r in records:
         r["scores"] = report.score_record(r, "locomo")
-    metrics = summarize(cfg, records, "locomo")
+    metrics = summarize(st, records, "locomo", int(cfg.seed))
     ran = [m.name for m in runnable]
 
     by_q = {(r["method"], r["conv_id"], r["id"]): r["prompt_tokens"] for r in records}
@@ -92,7 +94,7 @@ def eval_cost_rows(locomo_path: Path, *, seed: int = 0, quick: bool = False) -> 
     recall, rag = (metrics.get(f"{m}/cost/added_prompt_tokens", float("nan")) for m in ("recall", "rag_dense"))
     params = {"questions": n, "conversations": [c.conv_id for c in convs],
               "max_questions_per_conv": st.max_questions_per_conv, "k": K, "model": "tiny",
-              "step2": "stand-in: the base tiny model, stage.recall.bank=encode", "not_run": not_run,
+              "step2": "stand-in: the base tiny model, eval.recall.bank=encode", "not_run": not_run,
               "closed_book_prompt_tokens": metrics.get("closed_book/cost/prompt_tokens"),
               "recall_added_prompt_tokens": recall, "rag_dense_added_prompt_tokens": rag,
               "rag_dense_truncated": metrics.get("rag_dense/truncated_frac"), "prepare_seconds": prepare_s}

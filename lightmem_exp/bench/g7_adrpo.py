@@ -38,7 +38,7 @@ class G7Settings:
     seed: int = 0
     group_size: int = 8
     new_tokens: int = 64       # per rollout in the G7 rollouts row
-    step_new_tokens: int = 96   # per rollout in the RL step (the stage's default rl.max_new_tokens)
+    step_new_tokens: int = 96   # per rollout in the RL step (fixed so G7 stays comparable; the stage default is 64)
 
     @classmethod
     def quick(cls) -> G7Settings:
@@ -49,8 +49,9 @@ def _setup(locomo: Path):
     from lightmem_exp.bench.cases import tiny_config
     from lightmem_exp.data.locomo import read_locomo
     from lightmem_exp.memory.ops import Op
-    from lightmem_exp.memory.store import MEMORY_TYPES, TextEmbedder
+    from lightmem_exp.memory.store import MEMORY_TYPES
     from lightmem_exp.models.loading import attach_lora, load_model, load_tokenizer
+    from lightmem_exp.retrieval import TextEmbedder
     from lightmem_exp.rl.expert import Annotations, ExpertConfig, derive, locomo_events
     from lightmem_exp.rl.rollouts import prompt_token_ids
     from lightmem_exp.rl.scoring import AgentCall, RlItem

@@ -132,7 +132,7 @@ def render_curve(curve: dict) -> list[str]:
     if pool:
         lines[-1] += (f" The SFT pool has {pool['within_sft_max_tokens']} of {pool['conversations']} conversations "
                       "within sft_max_tokens, and each epoch draws ceil(N x sft_ratio) distinct ones, so sft_ratio is "
-                      f"min({curve.get('stage', {}).get('sft_ratio', 'stage.sft_ratio')}, "
+                      f"min({curve.get('stage', {}).get('sft_ratio', 'step2.sft_ratio')}, "
                       f"{pool['within_sft_max_tokens']} / N); every epoch keeps the thirds memory_front / "
                       "memory_full / sft_only, so the mix per step is the same for every N.")
     lines += ["", "| N | sft_ratio | exact match | token F1 | steps | samples | memory samples per memory | "

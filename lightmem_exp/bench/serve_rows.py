@@ -53,7 +53,7 @@ def serve_rows(locomo: Path, *, quick: bool = False, repeats: int | None = None,
 
     from lightmem_exp.eval.methods import split_recall_output
     from lightmem_exp.models.generation import generate_with_recall
-    from lightmem_exp.models.memory_bank import _pad
+    from lightmem_exp.models.inputs import pad_batch
     from lightmem_exp.serve.app import serving
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
@@ -73,7 +73,7 @@ def serve_rows(locomo: Path, *, quick: bool = False, repeats: int | None = None,
             return r.choices[0].message.content, [t["memory_id"] for t in r.choices[0].recall_trace], r.usage
 
         def batch(n: int):
-            ids, mask = _pad(prompts[:n], mm.pad_id, "left")
+            ids, mask = pad_batch(prompts[:n], mm.pad_id)
             return generate_with_recall(mm.model, ids, mask, bank=mm.bank, recall_token_id=mm.recall_id,
                                         memory_pad_token_id=mm.memory_pad_id, max_new_tokens=new_tokens,
                                         eos_token_id=[], pad_token_id=mm.pad_id, use_sampling=False)

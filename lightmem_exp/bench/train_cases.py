@@ -1,11 +1,11 @@
 """The step2 training rows: G4 (step2 step vs plain causal-LM SFT on the same tokens, and peak RSS), G5 (mixed vs
 pure batches), G6 (packed vs padded batches), and the `recall/capacity` curve.
 
-Everything is the real step2 code path on the tiny default model: the composed config (`stage=step2`, the
-stage's current defaults), the data stage's artifacts built from the bundled data by the same readers
-(`build_dataset`), `select_written_memories`, `MixedMemorySFTDataset`, `MixedMemoryModule.training_step`, the
-step2 LoRA (`lora_config`) with its trainable token rows, `recall_eval`. A training step here is forward,
-backward and an AdamW step, called directly on both sides (Lightning's loop is left out on both).
+G4-G6 run the stage itself on the tiny default model: the data stage (`DataRecipe`) and step1 (`Step1Recipe`, set up
+and exported without training) build its upstream in a temporary folder, then `Step2Recipe.setup_data` and
+`setup_model` give exactly the memories, dataset, vectors, LoRA and token rows the stage trains, and
+`Step2Recipe.module` its Lightning module. A training step here is forward, backward and an AdamW step
+(`MixedMemoryModule.training_step`), called directly on both sides (Lightning's loop is left out on both).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,91 +55,59 @@ def step2_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     return stage_config("step2", overrides)
 
 
+def _view(cfg: DictConfig, name: str, sdir: Path, **inputs: Path) -> DictConfig:
+    """Stage `name`'s view of `cfg` run in `sdir`, reading its upstreams from `inputs`."""
+    from lightmem_exp.stages import stage_config as stage_view
+
+    sub = stage_view(cfg, name)
+    sub.runtime.stage_dir = str(sdir)
+    for upstream, path in inputs.items():
+        sub[name].inputs[upstream] = str(path)
+    return sub
+
+
+def build_upstream(cfg: DictConfig, root: Path) -> Path:
+    """The data stage and step1 under `root`, as step2 reads them. step1 is set up and exported without training
+    (the memories step2 writes, its tokenizer, the base model's bank, a fresh adapter): the rows time work that does
+    not depend on trained values."""
+    from lightmem_exp.stages.data import DataRecipe
+    from lightmem_exp.stages.step1 import Step1Recipe
+
+    DataRecipe(_view(cfg, "data", root / "data")).run()
+    step1 = Step1Recipe(_view(cfg, "step1", root / "step1", data=root / "data"))
+    step1.setup_data()
+    step1.setup_model()
+    step1.setup_queries()
+    step1.setup_training()
+    step1.export()
+    step1.finish()
+    return root
+
+
 @dataclass
-class Step2Data:
-    """What the data stage would hand step2: train-split memories, the written subset, the SFT pool."""
+class Setup:
+    recipe: Any                 # the Step2Recipe, its data set up
+    items: list[dict]           # epoch 0's samples in dataset order (collator input)
 
-    cfg: DictConfig
-    tokenizer: Any
-    train_memories: list[dict]   # every train-split memory {id, text}, in file order
-    written: list[dict]          # step1's selection (data.max_memories of them)
-    pool: list[dict]
+    @property
+    def args(self) -> Any:
+        return self.recipe.args
 
-    @classmethod
-    def build(cls, cfg: DictConfig) -> Step2Data:
-        from lightmem_exp.data import build_dataset
-        from lightmem_exp.models.chat import chat_token_ids
-        from lightmem_exp.models.loading import load_tokenizer
-        from lightmem_exp.stages.step1 import select_written_memories
+    def collator(self) -> Any:
+        from lightmem_exp.data.mixed_memory import MixedMemoryCollator
 
-        tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
-        built = build_dataset(cfg.data.name, Path(cfg.data.path), Path(cfg.data.sft_dir),
-                              lambda messages: len(chat_token_ids(tokenizer, messages)), seed=cfg.seed,
-                              split_fractions=tuple(cfg.data.split_fractions), max_sft=cfg.data.max_sft,
-                              context_window=cfg.data.context_window, progress=False)
-        arts, train = built.artifacts, set(built.splits["train"])
-        written = select_written_memories(arts["memories"], arts["recall_pairs"], train, cfg.data.max_memories,
-                                          cfg.seed)
-        return cls(cfg, tokenizer, [{"id": m["id"], "text": m["text"]} for m in arts["memories"]
-                                    if m["conv_id"] in train],
-                   [{"id": m["id"], "text": m["text"]} for m in written], arts["sft_pool"])
-
-    def dataset(self, memories: list[dict], sft_ratio: float | None = None):
-        """The stage's dataset over `memories` (`sft_ratio`: instead of stage.sft_ratio)."""
-        from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset
-
-        st, ids = self.cfg.stage, self.token_ids()
-        ratio = st.sft_ratio if sft_ratio is None else sft_ratio
-        return MixedMemorySFTDataset(self.tokenizer, self.pool, memories, recall_id=ids.recall,
-                                     memory_pad_id=ids.memory_pad, end_marker=st.end_marker,
-                                     sft_ratio=ratio, sft_max_tokens=st.sft_max_tokens, seed=self.cfg.seed,
-                                     full_think_only=st.full_think_only, context_max_tokens=st.context_max_tokens)
-
-    def token_ids(self):
-        from lightmem_exp.models.loading import require_memory_tokens
-
-        return require_memory_tokens(self.tokenizer, "the tiny tokenizer")
-
-    def base_model(self):
-        from lightmem_exp.models.loading import ensure_memory_tokens, load_model
-
-        model = load_model(self.cfg.model, self.cfg.paths.data)
-        ensure_memory_tokens(model, self.tokenizer)
-        return model
-
-    def token_rows(self, memories: list[dict]) -> list[int]:
-        """The trainable embedding rows the stage would use (memory tokens + the memories' vocabulary)."""
-        from lightmem_exp.lit.step2 import memory_vocab_ids
-
-        ids, st = self.token_ids(), self.cfg.stage
-        rows = [ids.recall, ids.memory_pad]
-        if st.train_memory_vocab:
-            marker = self.tokenizer(st.end_marker, add_special_tokens=False)["input_ids"]
-            rows += [t for t in memory_vocab_ids(self.tokenizer, [m["text"] for m in memories], marker)
-                     if t not in rows]
-        return rows
-
-    def lora_model(self, memories: list[dict]):
-        """Base + the step2 LoRA and trainable rows (fresh LoRA: throughput does not depend on its values)."""
-        from lightmem_exp.models.loading import attach_lora
-        from lightmem_exp.stages.step2 import lora_config
-
-        return attach_lora(self.base_model(), lora_config(self.cfg), token_ids=self.token_rows(memories))
-
-    def module(self, model, dataset, vectors: torch.Tensor, cls=None):
-        from lightmem_exp.lit.step2 import MixedMemoryModule
-
-        st = self.cfg.stage
-        return (cls or MixedMemoryModule)(
-            model, dataset, vectors, pad_id=self.tokenizer.pad_token_id, memory_pad_id=self.token_ids().memory_pad,
-            batch_size=st.batch_size, lr=st.lr, weight_decay=st.weight_decay, warmup_ratio=st.warmup_ratio,
-            loss_reduction=st.loss_reduction)
+        return MixedMemoryCollator(self.recipe.tokenizer.pad_token_id, self.recipe.tok_ids.memory_pad)
 
 
-def random_vectors(n: int, hidden: int, embed_scale: float, seed: int) -> torch.Tensor:
-    """Injection vectors (unit x embed_scale) for throughput rows: their values do not change the work."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(n, hidden, generator=g), dim=-1) * embed_scale
+def setup(cfg: DictConfig, upstream: Path) -> Setup:
+    """step2 over the `upstream` data and step1 (`build_upstream`): its data phase, epoch 0 drawn."""
+    from lightmem_exp.stages.step2 import Step2Recipe
+
+    torch.manual_seed(int(cfg.seed))
+    recipe = Step2Recipe(_view(cfg, "step2", upstream / "step2", step1=upstream / "step1"))
+    dataset = recipe.setup_data()
+    dataset.refresh_epoch_data(0)
+    return Setup(recipe, [dataset[i] for i in range(len(dataset))])
 
 
 def _optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -178,46 +147,23 @@ def _lengths(samples: list[dict]) -> dict:
     return {"min": n[0], "median": n[len(n) // 2], "max": n[-1], "samples": len(n)}
 
 
-@dataclass
-class Setup:
-    data: Step2Data
-    dataset: Any
-    vectors: torch.Tensor
-    items: list[dict]           # epoch 0's samples in dataset order (collator input)
-
-
-def setup(cfg: DictConfig) -> Setup:
-    from lightmem_exp.models.memory_bank import measure_embed_scale, model_hidden_size
-
-    torch.manual_seed(int(cfg.seed))
-    data = Step2Data.build(cfg)
-    dataset = data.dataset(data.written)
-    dataset.refresh_epoch_data(0)
-    probe = data.base_model()
-    vectors = random_vectors(len(data.written), model_hidden_size(probe), measure_embed_scale(probe), cfg.seed)
-    return Setup(data, dataset, vectors, [dataset[i] for i in range(len(dataset))])
-
-
 # ---- G4 -----------------------------------------------------------------------------------------------------
 
 
 def g4_batches(su: Setup, n_batches: int) -> list[dict]:
-    from lightmem_exp.data.mixed_memory import MixedMemoryCollator
-
-    bs = int(su.data.cfg.stage.batch_size)
-    collate = MixedMemoryCollator(su.data.tokenizer.pad_token_id, su.data.token_ids().memory_pad)
+    bs, collate = su.args.batch_size, su.collator()
     return [collate(su.items[i * bs:(i + 1) * bs]) for i in range(min(n_batches, len(su.items) // bs))]
 
 
 def g4_sides(su: Setup, batches: list[dict]):
-    """(ours, plain) step functions on separate copies of the same LoRA model, each with its own AdamW."""
-    st = su.data.cfg.stage
-    model = su.data.lora_model(su.data.written)
+    """(ours, plain) step functions on separate copies of the stage's model, each with its own AdamW."""
+    a = su.args
+    model = su.recipe.setup_model()
     plain_model = copy.deepcopy(model)
-    module = su.data.module(model, su.dataset, su.vectors).train()
+    module = su.recipe.module(model, packed=False).train()
     plain_model.train()
-    return (ours_steps(module, batches, _optimizer(module, st.lr, st.weight_decay)),
-            plain_steps(plain_model, batches, _optimizer(plain_model, st.lr, st.weight_decay)))
+    return (ours_steps(module, batches, _optimizer(module, a.lr, a.weight_decay)),
+            plain_steps(plain_model, batches, _optimizer(plain_model, a.lr, a.weight_decay)))
 
 
 def _vm(field: str) -> int:
@@ -231,13 +177,13 @@ def _vm(field: str) -> int:
     return 0
 
 
-def rss_probe(which: str, n_batches: int, passes: int) -> dict:
-    """In a fresh process: set up step2 as G4 does, then run `passes` x the G4 batches on ONE side only.
+def rss_probe(which: str, n_batches: int, passes: int, upstream: str) -> dict:
+    """In a fresh process: set up step2 over `upstream` as G4 does, then run `passes` x the G4 batches on ONE side
+    only.
 
     Peak RSS is VmHWM, reset to the current RSS right before training (/proc/self/clear_refs "5") where the
     kernel allows it, so `train_increase` is what training added on top of the loaded model and data."""
-    cfg = step2_config()
-    su = setup(cfg)
+    su = setup(step2_config(), Path(upstream))
     batches = g4_batches(su, n_batches)
     ours, plain = g4_sides(su, batches)
     run = ours if which == "ours" else plain
@@ -257,12 +203,12 @@ def rss_probe(which: str, n_batches: int, passes: int) -> dict:
             "peak_reset_before_train": reset, "batches": len(batches), "passes": passes}
 
 
-def _rss_in_subprocess(which: str, n_batches: int, passes: int, threads: int) -> dict:
+def _rss_in_subprocess(which: str, n_batches: int, passes: int, threads: int, upstream: Path) -> dict:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     code = (f"import json, torch; torch.set_num_threads({threads}); "
             "from lightmem_exp.bench.train_cases import rss_probe; "
-            f"print('RSS_PROBE ' + json.dumps(rss_probe({which!r}, {n_batches}, {passes})))")
+            f"print('RSS_PROBE ' + json.dumps(rss_probe({which!r}, {n_batches}, {passes}, {str(upstream)!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RSS_PROBE ")), None)
     if out.returncode != 0 or line is None:
@@ -270,7 +216,7 @@ def _rss_in_subprocess(which: str, n_batches: int, passes: int, threads: int) ->
     return json.loads(line[len("RSS_PROBE "):])
 
 
-def g4_row(s, su: Setup, explain: dict, threads: int) -> dict:
+def g4_row(s, su: Setup, upstream: Path, explain: dict, threads: int) -> dict:
     batches = g4_batches(su, s.train_batches)
     ours, plain = g4_sides(su, batches)
     tokens = _tokens(batches)
@@ -278,8 +224,8 @@ def g4_row(s, su: Setup, explain: dict, threads: int) -> dict:
     a_t, b_t = a.scaled(tokens), b.scaled(tokens)
     check = {"check": "peak RSS <= 1.15x plain SFT's (fresh process per side)", "ok": True}
     if s.rss:
-        r_ours = _rss_in_subprocess("ours", s.train_batches, 2, threads)
-        r_plain = _rss_in_subprocess("plain", s.train_batches, 2, threads)
+        r_ours = _rss_in_subprocess("ours", s.train_batches, 2, threads, upstream)
+        r_plain = _rss_in_subprocess("plain", s.train_batches, 2, threads, upstream)
         ratio_rss = r_ours["peak_rss"] / max(r_plain["peak_rss"], 1)
         check.update(ok=ratio_rss <= 1.15, peak_rss_ratio=ratio_rss, ours=r_ours, plain=r_plain,
                      train_increase_ratio=r_ours["train_increase"] / max(r_plain["train_increase"], 1),
@@ -288,23 +234,17 @@ def g4_row(s, su: Setup, explain: dict, threads: int) -> dict:
                              f"{r_plain['train_increase'] / 2**20:.0f} MiB")
     else:
         check.update(summary="peak RSS not measured (--quick)", not_measured=True)
-    st = su.data.cfg.stage
+    a = su.args
     return make_row(
         "G4", f"step2 training tokens/s (MixedMemoryModule.training_step + backward + AdamW, {len(batches)} batches "
-              f"of {st.batch_size}) vs plain causal-LM SFT on the same tokens", ">= 0.85",
+              f"of {a.batch_size}) vs plain causal-LM SFT on the same tokens", ">= 0.85",
         ours=side("step2 step", a_t, "s/token"), baseline=side("plain SFT step", b_t, "s/token"),
         ratio=ratio_of(b_t, a_t), ratio_def="ours tokens/s / baseline tokens/s", check=check,
-        params={"tokens_per_pass": tokens, "batches": len(batches), "batch_size": int(st.batch_size),
-                "loss_reduction": str(st.loss_reduction), "lora": OmegaConf.to_container(_lora(su)),
-                "trainable_token_rows": len(su.data.token_rows(su.data.written)),
-                "lengths": _lengths(su.items[:len(batches) * int(st.batch_size)])},
+        params={"tokens_per_pass": tokens, "batches": len(batches), "batch_size": a.batch_size,
+                "loss_reduction": a.loss_reduction, "lora": OmegaConf.to_container(_lora_of(su.recipe.cfg)),
+                "trainable_token_rows": len(su.recipe.token_rows), "written_memories": len(su.recipe.written),
+                "lengths": _lengths(su.items[:len(batches) * a.batch_size])},
         explanation=explain.get("G4"))
-
-
-def _lora(su: Setup) -> DictConfig:
-    from lightmem_exp.stages.step2 import lora_config
-
-    return lora_config(su.data.cfg)
 
 
 # ---- G5 -----------------------------------------------------------------------------------------------------
@@ -312,22 +252,18 @@ def _lora(su: Setup) -> DictConfig:
 
 def g5_row(s, su: Setup, explain: dict) -> dict:
     """Mixed batches (half memory samples, half sft_only) vs the same samples in pure batches."""
-    from lightmem_exp.data.mixed_memory import MixedMemoryCollator
-
-    bs = int(su.data.cfg.stage.batch_size)
+    bs = su.args.batch_size
     half = bs // 2
     mem = [x for x in su.items if x["kind"] != "sft_only"]
     sft = [x for x in su.items if x["kind"] == "sft_only"]
     n_batches = min(s.train_batches, len(mem) // half, len(sft) // half)
     mem, sft = mem[:n_batches * half], sft[:n_batches * half]
-    collate = MixedMemoryCollator(su.data.tokenizer.pad_token_id, su.data.token_ids().memory_pad)
+    collate = su.collator()
     mixed = [collate(mem[i * half:(i + 1) * half] + sft[i * half:(i + 1) * half]) for i in range(n_batches)]
     pure_mem = [collate(mem[i:i + bs]) for i in range(0, len(mem), bs)]
     pure_sft = [collate(sft[i:i + bs]) for i in range(0, len(sft), bs)]
-    st = su.data.cfg.stage
-    model = su.data.lora_model(su.data.written)
-    module = su.data.module(model, su.dataset, su.vectors).train()
-    opt = _optimizer(module, st.lr, st.weight_decay)
+    module = su.recipe.module(su.recipe.setup_model(), packed=False).train()
+    opt = _optimizer(module, su.args.lr, su.args.weight_decay)
     run_mixed, run_mem, run_sft = (ours_steps(module, b, opt) for b in (mixed, pure_mem, pure_sft))
 
     def run_pure() -> None:
@@ -361,12 +297,12 @@ def _pad_share(batches: list[dict]) -> float:
 
 # G6 is defined on a wide length mix: step2's samples with the conversation length limit of the stage's first
 # defaults (256 tokens) and uncut memory_front contexts, whatever the stage's current (tuned) defaults are.
-G6_OVERRIDES = ("stage.sft_max_tokens=256", "stage.context_max_tokens=null")
+G6_OVERRIDES = ("step2.sft_max_tokens=256", "step2.context_max_tokens=null")
 
 
 
 def per_sample_losses(module, batch: dict, packed: bool) -> torch.Tensor:
-    from lightmem_exp.lit.step2 import lm_losses
+    from lightmem_exp.lit.losses import lm_losses
 
     with torch.no_grad():
         nll, mask = module.sample_losses(batch) if packed else lm_losses(module(batch), batch["labels"])
@@ -374,32 +310,29 @@ def per_sample_losses(module, batch: dict, packed: bool) -> torch.Tensor:
 
 
 def g6_row(s, su: Setup, explain: dict) -> dict:
-    from lightmem_exp.data.mixed_memory import MixedMemoryCollator
     from lightmem_exp.data.packing import PackedMixedMemoryCollator
-    from lightmem_exp.lit.step2_packed import PackedMixedMemoryModule
 
-    st = su.data.cfg.stage
-    bs = int(st.batch_size)
+    a = su.args
+    bs = a.batch_size
     groups = [su.items[i * bs:(i + 1) * bs] for i in range(min(s.train_batches, len(su.items) // bs))]
-    ids = su.data.token_ids()
-    pad = MixedMemoryCollator(su.data.tokenizer.pad_token_id, ids.memory_pad)
-    pack = PackedMixedMemoryCollator(su.data.tokenizer.pad_token_id, ids.memory_pad)
+    pad = su.collator()
+    pack = PackedMixedMemoryCollator(su.recipe.tokenizer.pad_token_id, su.recipe.tok_ids.memory_pad)
     padded, packed = [pad(g) for g in groups], [pack(g) for g in groups]
-    model = su.data.lora_model(su.data.written)
+    model = su.recipe.setup_model()
     twin = copy.deepcopy(model)
-    m_pad = su.data.module(model, su.dataset, su.vectors).train()
-    m_pack = su.data.module(twin, su.dataset, su.vectors, cls=PackedMixedMemoryModule).train()
+    m_pad = su.recipe.module(model, packed=False).train()
+    m_pack = su.recipe.module(twin, packed=True).train()
     # Correctness first, on identical weights: every sample's mean loss, packed vs padded.
     diffs = [float((per_sample_losses(m_pad, p, False) - per_sample_losses(m_pack, q, True)).abs().max())
              for p, q in zip(padded, packed, strict=True)]
     worst = max(diffs)
     check = {"check": "per-sample loss packed == padded within 1e-5", "ok": worst <= 1e-5, "max_abs_diff": worst,
              "summary": f"per-sample loss max |diff| {worst:.1e} over {sum(len(g) for g in groups)} samples"}
-    a, b = measure_pair(ours_steps(m_pack, packed, _optimizer(m_pack, st.lr, st.weight_decay)),
-                        ours_steps(m_pad, padded, _optimizer(m_pad, st.lr, st.weight_decay)),
-                        repeats=s.train_repeats, warmup=1)
+    t_pack, t_pad = measure_pair(ours_steps(m_pack, packed, _optimizer(m_pack, a.lr, a.weight_decay)),
+                                 ours_steps(m_pad, padded, _optimizer(m_pad, a.lr, a.weight_decay)),
+                                 repeats=s.train_repeats, warmup=1)
     tokens = _tokens(padded)
-    a_t, b_t = a.scaled(tokens), b.scaled(tokens)
+    a_t, b_t = t_pack.scaled(tokens), t_pad.scaled(tokens)
     rows_padded = sum(p["input_ids"].shape[0] for p in padded)
     rows_packed = sum(p["input_ids"].shape[0] for p in packed)
     cells = {"padded": sum(p["input_ids"].numel() for p in padded),
@@ -420,6 +353,65 @@ def g6_row(s, su: Setup, explain: dict) -> dict:
 # ---- recall/capacity ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class CapacityData:
+    """What the curve trains on: every train-split memory and the SFT pool, built in memory by the data stage's
+    readers, the tiny tokenizer, and step2's own dataset, token rows, LoRA and module for any set of memories."""
+
+    cfg: DictConfig
+    args: Any                    # Step2Config
+    tokenizer: Any
+    ids: Any                     # MemoryTokenIds
+    train_memories: list[dict]   # every train-split memory {id, text}, in file order
+    pool: list[dict]
+
+    @classmethod
+    def build(cls, cfg: DictConfig) -> CapacityData:
+        from lightmem_exp.config import typed
+        from lightmem_exp.data import build_dataset
+        from lightmem_exp.models.chat import chat_token_ids
+        from lightmem_exp.models.loading import load_tokenizer, require_memory_tokens
+
+        tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
+        built = build_dataset(cfg.data.name, Path(cfg.data.path), Path(cfg.data.sft_dir),
+                              lambda messages: len(chat_token_ids(tokenizer, messages)), seed=cfg.seed,
+                              split_fractions=tuple(cfg.data.split_fractions), max_sft=cfg.data.max_sft,
+                              context_window=cfg.data.context_window, progress=False)
+        train = set(built.splits["train"])
+        memories = [{"id": m["id"], "text": m["text"]} for m in built.artifacts["memories"] if m["conv_id"] in train]
+        return cls(cfg, typed(cfg, "step2"), tokenizer, require_memory_tokens(tokenizer, "the tiny tokenizer"),
+                   memories, built.artifacts["sft_pool"])
+
+    def dataset(self, memories: list[dict], sft_ratio: float | None = None) -> Any:
+        from lightmem_exp.stages.step2 import memory_dataset
+
+        return memory_dataset(self.args, self.tokenizer, self.pool, memories, self.ids, self.cfg.seed, sft_ratio)
+
+    def token_rows(self, memories: list[dict]) -> list[int]:
+        from lightmem_exp.stages.step2 import trainable_token_rows
+
+        return trainable_token_rows(self.args, self.tokenizer, self.ids, memories)
+
+    def base_model(self) -> torch.nn.Module:
+        from lightmem_exp.models.loading import ensure_memory_tokens, load_model
+
+        model = load_model(self.cfg.model, self.cfg.paths.data)
+        ensure_memory_tokens(model, self.tokenizer)
+        return model
+
+    def lora_model(self, memories: list[dict]) -> torch.nn.Module:
+        """Base + the step2 LoRA and trainable rows, freshly initialised."""
+        from lightmem_exp.models.loading import attach_lora
+
+        return attach_lora(self.base_model(), _lora_of(self.cfg), token_ids=self.token_rows(memories))
+
+    def module(self, model: torch.nn.Module, dataset: Any, vectors: torch.Tensor) -> L.LightningModule:
+        from lightmem_exp.stages.step2 import mixed_memory_module
+
+        return mixed_memory_module(self.args, model, dataset, vectors, pad_id=self.tokenizer.pad_token_id,
+                                   memory_pad_id=self.ids.memory_pad, packed=False)
+
+
 class TokenCounter(L.Callback):
     """Counts the samples, memory samples and non-pad tokens of the batches a Trainer actually trains on."""
 
@@ -433,7 +425,7 @@ class TokenCounter(L.Callback):
         self.memory_samples += sum(k != "sft_only" for k in batch["kinds"])
 
 
-def capacity_vectors(data: Step2Data, memories: list[dict], step1_dir: Path):
+def capacity_vectors(data: CapacityData, memories: list[dict], step1_dir: Path):
     """(injection vectors [N, H] for `memories`, source note, model factory). A step1 bank (and its adapter, as the
     stage starts from it) when `step1_dir` holds a complete step1 run with every memory; else the base model's
     last-token states (`MemoryBank.build`) and a fresh LoRA."""
@@ -451,10 +443,9 @@ def capacity_vectors(data: Step2Data, memories: list[dict], step1_dir: Path):
 
             def model_factory(mems: list[dict]):
                 from lightmem_exp.lit.step2 import start_from_step1
-                from lightmem_exp.stages.step2 import lora_config
 
                 return start_from_step1(data.base_model(), step1_dir / "adapter", data.cfg.model,
-                                        lora_config(data.cfg), data.token_rows(mems))
+                                        _lora_of(data.cfg), data.token_rows(mems))
             model_factory(memories[:1])  # fails here, not mid-curve, when the adapter does not fit the config
             return vectors, f"step1 bank + adapter ({step1_dir})", model_factory
         except Exception as e:  # noqa: BLE001 - any unusable step1 output falls back to base-model vectors
@@ -475,7 +466,7 @@ def pool_ratio(n: int, fitting: int, ratio: float) -> float:
     return r
 
 
-def recall_by_length(model, data: Step2Data, memories: list[dict], vectors: torch.Tensor, *, prompt: list[int],
+def recall_by_length(model, data: CapacityData, memories: list[dict], vectors: torch.Tensor, *, prompt: list[int],
                      marker: list[int], batch_size: int) -> dict:
     """`recall_eval` over every memory, in batches of similar token length, each decoding at most its longest
     memory + end marker + 8 tokens (the stage's recall-test length, per batch instead of per run: a model that never
@@ -488,7 +479,7 @@ def recall_by_length(model, data: Step2Data, memories: list[dict], vectors: torc
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         scores, _ = recall_eval(model, data.tokenizer, [memories[i] for i in batch], vectors[batch],
-                                prompt_ids=prompt, memory_pad_id=data.token_ids().memory_pad, marker_ids=marker,
+                                prompt_ids=prompt, memory_pad_id=data.ids.memory_pad, marker_ids=marker,
                                 max_new_tokens=max(lengths[i] for i in batch) + len(marker) + 8,
                                 batch_size=len(batch))
         exact += scores["exact_match"] * len(batch)
@@ -501,7 +492,7 @@ def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
 
     N's memories are nested (a seeded shuffle of the train-split memories, then its first N). Each epoch the real
     dataset draws ceil(N x sft_ratio) distinct pool conversations within sft_max_tokens and refuses a pool that is
-    short, so every N gets sft_ratio = min(stage.sft_ratio, fitting / N) (`pool_ratio`). At a fixed step budget
+    short, so every N gets sft_ratio = min(step2.sft_ratio, fitting / N) (`pool_ratio`). At a fixed step budget
     this changes only the epoch length: every epoch is still split in thirds (memory_front / memory_full /
     sft_only), so every N trains on the same mix, and an epoch below 1.5 holds a reshuffled subset of the
     memories instead of each once. An N the dataset still cannot draw is recorded as not measured."""
@@ -511,8 +502,8 @@ def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
     from lightmem_exp.errors import LmxError
     from lightmem_exp.lit.recall_test import recall_prompt_ids
 
-    data = Step2Data.build(cfg)
-    st = cfg.stage
+    data = CapacityData.build(cfg)
+    st = data.args
     pool = sorted(data.train_memories, key=lambda m: m["id"])
     random.Random(f"bench-capacity/{cfg.seed}").shuffle(pool)
     probe = data.dataset(pool[:1])
@@ -534,7 +525,7 @@ def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
     if measured:
         vectors_all, source, make_model = capacity_vectors(data, pool[:measured[-1]], step1_dir)
     marker = data.tokenizer(st.end_marker, add_special_tokens=False)["input_ids"]
-    ids = data.token_ids()
+    ids = data.ids
     prompt = recall_prompt_ids(data.tokenizer, st.recall_test.prompt, ids.recall, ids.memory_pad)
     for n in measured:
         memories = pool[:n]
@@ -566,9 +557,8 @@ def capacity_curve(s, cfg: DictConfig, step1_dir: Path, threads: int) -> dict:
             "budget": {"optimizer_steps": s.capacity_steps, "batch_size": int(st.batch_size)},
             "all_train_split_memories": len(pool),
             "sft_pool": {"conversations": len(probe.pool), "within_sft_max_tokens": fitting},
-            "stage": {k: OmegaConf.to_container(st)[k] for k in ("lr", "loss_reduction", "sft_ratio", "sft_max_tokens",
-                                                                  "end_marker", "train_memory_vocab",
-                                                                  "gradient_clip_val")},
+            "stage": {k: getattr(st, k) for k in ("lr", "loss_reduction", "sft_ratio", "sft_max_tokens", "end_marker",
+                                                  "train_memory_vocab", "gradient_clip_val")},
             "lora": OmegaConf.to_container(_lora_of(cfg))}
 
 
@@ -580,14 +570,17 @@ def _lora_of(cfg: DictConfig) -> DictConfig:
 
 def train_rows(s, explain: dict, which: list[str], threads: int) -> list[dict]:
     rows = []
-    if {"G4", "G5"} & set(which):
-        su = setup(step2_config())
-        for name, fn in (("G4", lambda: g4_row(s, su, explain, threads)), ("G5", lambda: g5_row(s, su, explain))):
-            if name in which:
-                log.info("%s: step2 training", name)
-                rows.append(fn())
-    if "G6" in which:
-        log.info("G6: step2 training, packed vs padded (%s)", " ".join(G6_OVERRIDES))
-        rows.append(g6_row(s, setup(step2_config(G6_OVERRIDES)), explain))
+    with tempfile.TemporaryDirectory(prefix="lmx-bench-step2-") as tmp:
+        log.info("G4-G6: building step2's upstream (data stage, step1 set up without training) in %s", tmp)
+        upstream = build_upstream(step2_config(), Path(tmp))
+        if {"G4", "G5"} & set(which):
+            su = setup(step2_config(), upstream)
+            for name, fn in (("G4", lambda: g4_row(s, su, upstream, explain, threads)),
+                             ("G5", lambda: g5_row(s, su, explain))):
+                if name in which:
+                    log.info("%s: step2 training", name)
+                    rows.append(fn())
+        if "G6" in which:
+            log.info("G6: step2 training, packed vs padded (%s)", " ".join(G6_OVERRIDES))
+            rows.append(g6_row(s, setup(step2_config(G6_OVERRIDES), upstream), explain))
     return rows
-

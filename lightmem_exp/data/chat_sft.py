@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightmem_exp.errors import LmxError
 from lightmem_exp.models.chat import chat_token_ids
+from lightmem_exp.models.inputs import pad_batch
 
 IGNORE_INDEX = -100
 MASK_METHODS = ("auto", "template", "prefix")
@@ -120,19 +121,17 @@ class ChatSftDataset(Dataset):
         return collate_sft(rows, pad_id, self.group_ids)
 
 
+def pad_labelled(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding of rows holding `input_ids` and `labels`: `input_ids` (pad_id), `attention_mask` (0 on pads),
+    `labels` (IGNORE_INDEX on pads). Pads are found by the mask, never by the id."""
+    ids, mask = pad_batch([r["input_ids"] for r in rows], pad_id, "right")
+    labels, _ = pad_batch([r["labels"] for r in rows], IGNORE_INDEX, "right")
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def collate_sft(rows: Sequence[dict], pad_id: int, group_ids: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Right padding: `input_ids` (pad_id), `attention_mask` (0 on pads), `labels` (IGNORE_INDEX on pads) and,
-    when `group_ids` is given, `group` (the row's group index). Pads are found by the mask, never by the id."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """`pad_labelled` and, when `group_ids` is given, `group` (the row's group index)."""
+    batch = pad_labelled(rows, pad_id)
     if group_ids is not None:
         batch["group"] = torch.tensor([group_ids[r["group"]] for r in rows], dtype=torch.long)
     return batch

@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
+from lightmem_exp.data.chat_sft import IGNORE_INDEX, pad_labelled
 from lightmem_exp.data.sft_sampling import draw_within_limit
 from lightmem_exp.errors import LmxError
-from lightmem_exp.models.chat import chat_text, chat_token_ids
+from lightmem_exp.models.chat import chat_text, chat_token_ids, text_token_ids
 
-IGNORE = -100
 THINK_END = "</think>"
 KINDS = ("memory_front", "memory_full", "sft_only")
 
@@ -118,7 +118,7 @@ def tokenize_conversation(tokenizer, row: dict) -> Conversation:
         for j, part in enumerate(parts):
             if labelled and reply_start is None:
                 reply_start = len(ids)
-            toks = tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+            toks = text_token_ids(tokenizer, part) if part else []
             ids += toks
             assistant += [labelled] * len(toks)
             if len(parts) == 2 and j == 0:
@@ -130,7 +130,7 @@ def tokenize_conversation(tokenizer, row: dict) -> Conversation:
 
 def _labels(conv: Conversation, start: int = 0, end: int | None = None) -> list[int]:
     end = len(conv.ids) if end is None else end
-    return [t if a else IGNORE for t, a in zip(conv.ids[start:end], conv.assistant[start:end], strict=True)]
+    return [t if a else IGNORE_INDEX for t, a in zip(conv.ids[start:end], conv.assistant[start:end], strict=True)]
 
 
 def build_sft_only(conv: Conversation) -> Sample:
@@ -139,7 +139,7 @@ def build_sft_only(conv: Conversation) -> Sample:
 
 def _memory_block(recall_id: int, pad_id: int, memory_ids: list[int], marker_ids: list[int]) -> tuple[list, list]:
     body = [*memory_ids, *marker_ids]
-    return [recall_id, pad_id, *body], [recall_id, IGNORE, *body]
+    return [recall_id, pad_id, *body], [recall_id, IGNORE_INDEX, *body]
 
 
 def build_memory_front(conv: Conversation, cut: int, memory: int, memory_ids: list[int], marker_ids: list[int], *,
@@ -150,7 +150,7 @@ def build_memory_front(conv: Conversation, cut: int, memory: int, memory_ids: li
     start = 0 if context_max_tokens is None else max(0, cut - context_max_tokens)
     ids, labels = _memory_block(recall_id, pad_id, memory_ids, marker_ids)
     context = conv.ids[start:cut]
-    return Sample("memory_front", context + ids, [IGNORE] * len(context) + labels, memory=memory,
+    return Sample("memory_front", context + ids, [IGNORE_INDEX] * len(context) + labels, memory=memory,
                   pool_index=conv.index, extra={"cut": cut})
 
 
@@ -160,7 +160,7 @@ def build_memory_full(conv: Conversation, memory: int, memory_ids: list[int], ma
     cut = conv.think_cut if conv.think_cut is not None else conv.reply_start
     ids, labels = _memory_block(recall_id, pad_id, memory_ids, marker_ids)
     return Sample("memory_full", conv.ids[:cut] + ids + conv.ids[cut:],
-                  [IGNORE] * cut + labels + _labels(conv, cut), memory=memory, pool_index=conv.index,
+                  [IGNORE_INDEX] * cut + labels + _labels(conv, cut), memory=memory, pool_index=conv.index,
                   extra={"cut": cut, "think": conv.think_cut is not None})
 
 
@@ -185,9 +185,9 @@ class MixedMemorySFTDataset(Dataset):
             raise LmxError("MixedMemorySFTDataset: no memories to write")
         self.tokenizer = tokenizer
         self.recall_id, self.pad_id = recall_id, memory_pad_id
-        self.marker_ids = tokenizer(end_marker, add_special_tokens=False)["input_ids"] if end_marker else []
+        self.marker_ids = text_token_ids(tokenizer, end_marker) if end_marker else []
         self.memories = list(memories)
-        self.memory_ids = [tokenizer(m["text"], add_special_tokens=False)["input_ids"] for m in self.memories]
+        self.memory_ids = [text_token_ids(tokenizer, m["text"]) for m in self.memories]
         self.sft_ratio, self.sft_max_tokens, self.seed = sft_ratio, sft_max_tokens, seed
         self.full_think_only, self.context_max_tokens = full_think_only, context_max_tokens
         excluded = {int(i) for i in exclude}
@@ -233,8 +233,8 @@ class MixedMemorySFTDataset(Dataset):
         if self.full_think_only and n_think < n_full:
             raise LmxError(
                 f"step2 draw: memory_full needs {n_full} <think> conversations within {self.sft_max_tokens} tokens "
-                f"but the pool has {len(fitting_think)} (of {len(think)} with <think>); raise stage.sft_max_tokens, "
-                "lower data.max_memories, or set stage.full_think_only=false")
+                f"but the pool has {len(fitting_think)} (of {len(think)} with <think>); raise step2.sft_max_tokens, "
+                "lower data.max_memories, or set step2.full_think_only=false")
         think_draw = draw_within_limit(think, n_think, n_tokens=within, max_tokens=self.sft_max_tokens, rng=rng,
                                        what="step2 <think> draw for memory_full")
         taken = {int(r["index"]) for r in think_draw.items}
@@ -308,20 +308,12 @@ class MixedMemoryCollator:
         self.pad_token_id, self.memory_pad_id = pad_token_id, memory_pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
         memory_rows = []
-        for b, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[b, :n] = torch.tensor(r["input_ids"])
-            labels[b, :n] = torch.tensor(r["labels"])
-            mask[b, :n] = 1
+        for r in rows:
             pads = sum(1 for t in r["input_ids"] if t == self.memory_pad_id)
             if pads != (r["memory"] is not None):
                 raise LmxError(f"a {r['kind']} sample has {pads} <|memory_pad|> tokens for memory {r['memory']}")
             if r["memory"] is not None:
                 memory_rows.append(r["memory"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "memory_rows": torch.tensor(memory_rows, dtype=torch.long), "kinds": [r["kind"] for r in rows]}
+        return {**pad_labelled(rows, self.pad_token_id), "memory_rows": torch.tensor(memory_rows, dtype=torch.long),
+                "kinds": [r["kind"] for r in rows]}

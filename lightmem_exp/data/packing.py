@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from lightmem_exp.data.mixed_memory import IGNORE
+from lightmem_exp.data.chat_sft import IGNORE_INDEX
 from lightmem_exp.errors import LmxError
 
 
@@ -75,7 +75,7 @@ class PackedMixedMemoryCollator:
             layout = pack_rows(lengths, width)
         n_rows = len(layout)
         ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n_rows, width), IGNORE, dtype=torch.long)
+        labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((n_rows, width), dtype=torch.long)
         where: list[tuple[int, int]] = [(0, 0)] * len(items)  # sample -> (row, start)
         memory_rows = []
@@ -89,7 +89,7 @@ class PackedMixedMemoryCollator:
                                    f"{item['memory']}")
                 ids[r, start:start + n] = torch.tensor(item["input_ids"])
                 labels[r, start:start + n] = torch.tensor(item["labels"])
-                labels[r, start] = IGNORE  # never a target: its predecessor belongs to another sample
+                labels[r, start] = IGNORE_INDEX  # never a target: its predecessor belongs to another sample
                 positions[r, start:start + n] = torch.arange(n)
                 if item["memory"] is not None:
                     memory_rows.append(item["memory"])

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lightmem_exp.models.chat import chat_token_ids
+from lightmem_exp.models.chat import chat_token_ids, text_token_ids
 
 
 def user_query_ids(tokenizer: PreTrainedTokenizerBase, text: str, recall_id: int, max_tokens: int) -> list[int]:
@@ -24,7 +24,7 @@ def think_query_ids(tokenizer: PreTrainedTokenizerBase, context: list[dict], rec
                     max_tokens: int) -> list[int]:
     """`context` ends with a partial assistant turn (up to `</think>`), which is appended unterminated."""
     ids = chat_token_ids(tokenizer, context[:-1], add_generation_prompt=True)
-    ids += tokenizer(context[-1]["content"], add_special_tokens=False)["input_ids"]
+    ids += text_token_ids(tokenizer, context[-1]["content"])
     return [*ids, recall_id][-max_tokens:]
 
 

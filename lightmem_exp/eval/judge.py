@@ -1,11 +1,11 @@
-"""Optional LLM judge over any OpenAI-compatible `/chat/completions` endpoint (off by default: `stage.judge.enabled`).
+"""Optional LLM judge over any OpenAI-compatible `/chat/completions` endpoint (off by default: `eval.judge.enabled`).
 
 Published LoCoMo judge scores swing by 20+ points between harnesses, so everything that decides a verdict is pinned
 here and recorded: the prompts below (their SHA-256 goes into the report), the judge model, temperature 0 and a
 one-word reply. Every verdict is saved with the judge's raw reply (`judge.jsonl`); a call that still fails after
 the retries is saved with its error and left out of the judged accuracy (the count is reported), never guessed.
 
-The API key is read from the environment variable named by `stage.judge.api_key_env` at call time; it is never
+The API key is read from the environment variable named by `eval.judge.api_key_env` at call time; it is never
 written to a config, a log or an output. With the variable unset no Authorization header is sent (local servers).
 Plain `urllib`, so no client library is needed.
 """

@@ -1,13 +1,13 @@
 """Evaluation methods: one class per way of answering, one interface, one harness that runs them all.
 
 Every method answers the same questions with the same pinned system prompt (`SYSTEM_PROMPT`) and greedy decoding
-of at most `stage.max_new_tokens` tokens; they differ only in what goes into the prompt and which model answers:
+of at most `eval.max_new_tokens` tokens; they differ only in what goes into the prompt and which model answers:
 
   closed_book    the question alone, base model (`model=`)
   full_context   the whole conversation, oldest lines dropped until the prompt fits the model's context
-                 (`stage.context_tokens`, default `model.max_seq_len`); how much was dropped is recorded per question
+                 (`eval.context_tokens`, default `model.max_seq_len`); how much was dropped is recorded per question
   rag_bm25 / rag_dense / rag_hybrid
-                 the top `stage.rag.k` memories of the conversation (bm25s / MiniLM / reciprocal-rank fusion)
+                 the top `eval.rag.k` memories of the conversation (bm25s / MiniLM / reciprocal-rank fusion)
   session_rank   MemSifter-style: sessions pre-filtered by MiniLM (a session scores its best chunk of
                  `chunk_turns` turns), re-ranked by the answering model's own score -- the mean log-probability of
                  the question given the session (query likelihood) -- then answered from the top `top_sessions`
@@ -25,24 +25,28 @@ indexes, embeddings and banks are built once per conversation for all methods) a
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightmem_exp.artifacts import Manifest, load_manifest
 from lightmem_exp.errors import LmxError, UpstreamError
 from lightmem_exp.eval.cost import BatchCost
 from lightmem_exp.eval.metrics import exact_match, token_f1
-from lightmem_exp.models.chat import chat_token_ids
+from lightmem_exp.models.chat import chat_token_ids, text_token_ids, token_counts
+from lightmem_exp.models.inputs import ModelHandle, logits_to_keep_kwargs, pad_batch
+from lightmem_exp.runtime import model_device
+
+if TYPE_CHECKING:
+    from lightmem_exp.retrieval import TextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +114,7 @@ class Prompt:
 def line_token_counts(tokenizer: Any, lines: Sequence[str]) -> list[int]:
     if not lines:
         return []
-    return [len(x) for x in tokenizer([line + "\n" for line in lines], add_special_tokens=False)["input_ids"]]
+    return token_counts(tokenizer, [line + "\n" for line in lines])
 
 
 def build_prompt(tokenizer: Any, question: str, *, header: str = "", lines: Sequence[str] = (),
@@ -133,7 +137,7 @@ def build_prompt(tokenizer: Any, question: str, *, header: str = "", lines: Sequ
     bare = render([])
     if len(bare) > max_tokens:
         raise LmxError(f"the question alone takes {len(bare)} prompt tokens, over the {max_tokens} available; "
-                       "raise stage.context_tokens or lower stage.max_new_tokens")
+                       "raise eval.context_tokens or lower eval.max_new_tokens")
     counts = list(counts) if counts is not None else line_token_counts(tokenizer, lines)
     budget = max_tokens - len(bare) - len(tokenizer(f"{header}\n\n", add_special_tokens=False)["input_ids"])
     keep, total = 0, 0
@@ -147,7 +151,7 @@ def build_prompt(tokenizer: Any, question: str, *, header: str = "", lines: Sequ
             return Prompt(ids, True, sum(counts[: len(lines) - keep]))
         keep -= 1
     # Not even the newest line fits: keep as much of its tail as fits.
-    last = tokenizer(lines[-1], add_special_tokens=False)["input_ids"]
+    last = text_token_ids(tokenizer, lines[-1])
     n = min(budget, len(last))
     while n > 0:
         ids = render([tokenizer.decode(last[-n:])])
@@ -161,7 +165,7 @@ def build_prompt(tokenizer: Any, question: str, *, header: str = "", lines: Sequ
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(ModelHandle):
     """A model ready to answer: weights, tokenizer, its context length and the token ids decoding needs."""
 
     name: str
@@ -174,27 +178,8 @@ class LoadedModel:
     end_marker: str | None = None
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    @property
     def eos_id(self) -> int | None:
         return self.tokenizer.eos_token_id
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for j, p in enumerate(prompts):
-        ids[j, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[j, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _new_tokens(rows: list[list[int]], eos: int | None) -> list[list[int]]:
@@ -209,7 +194,7 @@ def _new_tokens(rows: list[list[int]], eos: int | None) -> list[list[int]]:
 @torch.no_grad()
 def generate_greedy(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy `model.generate` over a left-padded batch; the new ids of each row."""
-    ids, mask = _left_pad(prompts, lm.pad_id, lm.device)
+    ids, mask = pad_batch(prompts, lm.pad_id, device=lm.device)
     out = lm.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                             eos_token_id=lm.eos_id, pad_token_id=lm.pad_id, use_cache=True)
     return _new_tokens(out[:, ids.shape[1]:].tolist(), lm.eos_id)
@@ -239,12 +224,10 @@ def question_loglik(lm: LoadedModel, contexts: Sequence[Sequence[int]], question
     """Mean log-probability of `question_ids` after each context (left-padded, so the question ends every row and
     only its logits are computed where the model supports `logits_to_keep`)."""
     q = list(question_ids)
-    ids, mask = _left_pad([[*c, *q] for c in contexts], lm.pad_id, lm.device)
+    ids, mask = pad_batch([[*c, *q] for c in contexts], lm.pad_id, device=lm.device)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    model = lm.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    keep = {"logits_to_keep": len(q) + 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **keep).logits
+    logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                      **logits_to_keep_kwargs(lm.model, len(q) + 1)).logits
     logits = logits[:, -(len(q) + 1):-1].float()
     target = torch.tensor(q, device=logits.device).expand(len(contexts), -1)
     lp = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)
@@ -254,36 +237,14 @@ def question_loglik(lm: LoadedModel, contexts: Sequence[Sequence[int]], question
 # ------------------------------------------------------------------------------------------------------- context
 
 
-class EmbeddingCache:
-    """MiniLM embeddings by text, kept for the whole run: LongMemEval haystacks are drawn from a shared pool of
-    sessions, so a session seen in an earlier question's haystack is not embedded again. Bounded by `max_texts`
-    (about 1.5 kB each); when full, new texts are embedded without being kept."""
-
-    def __init__(self, max_texts: int = 200_000):
-        self.max_texts = max_texts
-        self._vectors: dict[str, np.ndarray] = {}
-        self.hits = self.misses = 0
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        from lightmem_exp.retrieval import embed_texts
-
-        todo = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        self.hits += len(texts) - len(todo)
-        self.misses += len(todo)
-        fresh = dict(zip(todo, embed_texts(todo), strict=True)) if todo else {}
-        room = max(self.max_texts - len(self._vectors), 0)
-        self._vectors.update(list(fresh.items())[:room])
-        if not texts:
-            return np.zeros((0, 384), np.float32)
-        return np.stack([self._vectors[t] if t in self._vectors else fresh[t] for t in texts])
-
-
 class ConversationIndex:
     """Retrieval structures of one conversation, built on first use and shared by every method."""
 
-    def __init__(self, conv: Conversation, hybrid_depth: int, embed: EmbeddingCache | None = None):
+    def __init__(self, conv: Conversation, hybrid_depth: int, embed: TextEmbedder | None = None):
+        from lightmem_exp.retrieval import TextEmbedder
+
         self.conv = conv
-        self.embed = embed or EmbeddingCache()
+        self.embed = embed or TextEmbedder()
         self.ids = [m["id"] for m in conv.memories]
         self.texts = [m["text"] for m in conv.memories]
         self.hybrid_depth = hybrid_depth
@@ -342,25 +303,20 @@ class ConversationIndex:
         return self._lines[key]
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    accel = str(OmegaConf.select(cfg, "trainer.lightning.accelerator", default="cpu"))
-    if accel in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
-
-
 class EvalContext:
     """What methods share: the stage config, upstream manifests, models (loaded once per group) and per-conversation
     indexes and banks."""
 
     def __init__(self, cfg: DictConfig, upstream: dict[str, Manifest]):
-        self.cfg, self.st = cfg, cfg.stage
+        from lightmem_exp.retrieval import TextEmbedder
+
+        self.cfg, self.st = cfg, cfg.eval
         self.upstream = upstream
-        self.device = _device(cfg)
+        self.device = torch.device(model_device(cfg) or "cpu")
         self._lms: dict[str, LoadedModel] = {}
         self._indexes: dict[str, ConversationIndex] = {}
         self._full_banks: dict[str, Any] = {}  # recall.bank source -> the loaded bank, sliced per conversation
-        self.embed = EmbeddingCache()
+        self.embed = TextEmbedder()  # shared by every conversation: LongMemEval haystacks reuse sessions
         self.ks = sorted({int(k) for k in self.st.ks})
         self.context_tokens: dict[str, int] = {}  # per model group, kept after release for the report's settings
 
@@ -389,7 +345,7 @@ class EvalContext:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         want = self.st.context_tokens or model_cfg.get("max_seq_len") or limit
         if want is None:
-            raise LmxError("cannot tell the model's context length: set stage.context_tokens")
+            raise LmxError("cannot tell the model's context length: set eval.context_tokens")
         return int(min(want, limit) if limit else want)
 
     def _load_base(self) -> LoadedModel:
@@ -411,18 +367,11 @@ class EvalContext:
         model = load_adapter(base.model, adapter, self.cfg.model).eval()
         return LoadedModel("sft", model, base.tokenizer, base.context_tokens, f"{base.source} + {adapter}")
 
-    def step2_model_cfg(self) -> dict:
-        mdir = self.upstream["step2"].path("model")
-        mc = self.cfg.model
-        return {"name": "step2_export", "name_or_path": str(mdir), "build": None, "init": "pretrained",
-                "torch_dtype": mc.torch_dtype, "attn_implementation": mc.get("attn_implementation"),
-                "max_seq_len": mc.get("max_seq_len")}
-
     def _load_step2(self) -> LoadedModel:
-        from lightmem_exp.models.loading import load_model, load_tokenizer, require_memory_tokens
+        from lightmem_exp.models.loading import load_model, load_tokenizer, pretrained_model_cfg, require_memory_tokens
 
         step2 = self.upstream["step2"]
-        mc = self.step2_model_cfg()
+        mc = pretrained_model_cfg(self.cfg.model, step2.path("model"))
         tok = load_tokenizer({**mc, "name_or_path": str(step2.path("tokenizer"))}, self.cfg.paths.data)
         ids = require_memory_tokens(tok, step2.path("tokenizer"))
         device = None if self.device.type == "cpu" else str(self.device)
@@ -433,7 +382,7 @@ class EvalContext:
 
     # ---- banks
     def step1_manifest(self) -> Manifest:
-        """The step1 run behind the step2 export (its manifest names it), else `stage.inputs.step1`."""
+        """The step1 run behind the step2 export (its manifest names it), else `eval.inputs.step1`."""
         if "step1" in self.upstream:
             return self.upstream["step1"]
         ref = self.upstream["step2"].inputs.get("step1", {}).get("manifest")
@@ -441,10 +390,10 @@ class EvalContext:
             self.upstream["step1"] = load_manifest(ref, expect_stage="step1")
             return self.upstream["step1"]
         raise UpstreamError(f"recall.bank=step1: the step2 manifest names step1 at {ref!r}, which does not exist; "
-                            "set stage.inputs.step1 or use stage.recall.bank=encode")
+                            "set eval.inputs.step1 or use eval.recall.bank=encode")
 
     def conversation_bank(self, conv: Conversation) -> Any:
-        """The memory bank `recall` searches for `conv`, per `stage.recall.bank`:
+        """The memory bank `recall` searches for `conv`, per `eval.recall.bank`:
         export this conversation's memories in the step2 export/bank: the memories step2 wrote into the model
                (data.write_splits; with data.max_memories a sample of them, so the others cannot be recalled);
         step1  the step1 bank's vectors of every memory of this conversation, written or not;
@@ -470,10 +419,10 @@ class EvalContext:
             missing = [m["id"] for m in conv.memories if m["id"] not in row]
             if source == "step1" and missing:
                 raise UpstreamError(f"{full.path}: the step1 bank lacks {len(missing)} memories of {conv.conv_id} "
-                                    f"(e.g. {missing[:3]}); it was built on other data. Use stage.recall.bank=encode")
+                                    f"(e.g. {missing[:3]}); it was built on other data. Use eval.recall.bank=encode")
             if source == "export" and len(missing) == len(conv.memories):
                 raise UpstreamError(f"{full.path}: step2 wrote no memory of {conv.conv_id}; add its split to "
-                                    "data.write_splits of the step1/step2 run, or use stage.recall.bank=step1|encode")
+                                    "data.write_splits of the step1/step2 run, or use eval.recall.bank=step1|encode")
             rows = [row[m["id"]] for m in conv.memories if m["id"] in row]
             bank = MemoryBank(full.vectors[rows], [full.entries[i] for i in rows], embed_scale=full.embed_scale,
                               model_name=full.model_name, normalize=False)
@@ -673,7 +622,7 @@ class Recall(Method):
         prompts = [build_prompt(lm.tokenizer, question_text(q), header=MEMORY_HEADER if ls else "", lines=ls,
                                 suffix_ids=suffix, max_tokens=self.max_prompt_tokens(lm, memory_tokens))
                    for q, ls in zip(questions, lines, strict=True)]
-        ids, mask = _left_pad([p.ids for p in prompts], lm.pad_id, lm.device)
+        ids, mask = pad_batch([p.ids for p in prompts], lm.pad_id, device=lm.device)
         out = generate_with_recall(lm.model, ids, mask, bank=bank, recall_token_id=lm.recall_id,
                                    memory_pad_token_id=lm.memory_pad_id,
                                    max_new_tokens=int(self.st.max_new_tokens) + memory_tokens,
@@ -738,7 +687,6 @@ def run_method(method: Method, conversations: Sequence[Conversation], *, batch_s
     """Answer every question of every conversation; one record per question (cost included) and run stats."""
     from tqdm.auto import tqdm
 
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # one DEBUG line per index build otherwise
     records: list[dict] = []
     stats = {"prepare_seconds": 0.0, "answer_seconds": 0.0, "peak_memory_kind": None}
     total = sum(len(c.questions) for c in conversations)

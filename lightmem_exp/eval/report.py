@@ -474,14 +474,14 @@ def render_report(*, benchmark: str, ks: Sequence[int], metrics: dict, methods_r
         rows = [[name, int(v["n"]), v["json_ok"], v["json_strict"], v["acc"]] for name, v in update.items()]
         lines.append(markdown_table(["model", "n", "JSON parse rate (repaired)", "strict JSON", "action acc"], rows))
     else:
-        lines.append(f"Not measured: {missing_upstream.get('sft', 'stage.update_decisions.max is 0')}.")
+        lines.append(f"Not measured: {missing_upstream.get('sft', 'eval.update_decisions.max is 0')}.")
     lines += ["", "## LLM judge", ""]
     if judge:
         lines.append(f"Judge `{judge['model']}` at {judge['base_url']}, prompt sha256 `{judge['prompt_sha256']}`, "
                      f"verdicts in `judge.jsonl`; failed calls are excluded from its accuracy (column judge/failed "
                      "in the manifest).")
     else:
-        lines.append("Off (stage.judge.enabled=false): scores above are rule-based only.")
+        lines.append("Off (eval.judge.enabled=false): scores above are rule-based only.")
     lines += ["", "## Headline", "",
               f"`{headline['used']}` = {_fmt(headline['value'], 4)}"
               + (f" (requested `{headline['requested']}`: {headline['fallback_reason']})"
@@ -499,13 +499,9 @@ def render_report(*, benchmark: str, ks: Sequence[int], metrics: dict, methods_r
 
 def log_to_logger(logger: Any, metrics: dict, benchmark: str, ks: Sequence[int], methods: Sequence[str],
                   plots: Sequence[Path]) -> None:
-    """The same numbers and tables to the experiment logger (wandb tables and images when it is wandb)."""
-    if logger is None:
-        return
-    logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float) and not math.isnan(v)})
+    """The tables and plots to the experiment logger when it is wandb (the metrics go to it in `Recipe.finish`)."""
     log_table = getattr(logger, "log_table", None)
     if log_table is None:
-        logger.save()  # the CSV logger buffers rows until saved (no Trainer runs here to do it)
         return
     summary = main_columns(benchmark, ks) + uncertainty_columns(benchmark) + COST_COLUMNS
     for key, cols in (("eval/summary", _present(summary, metrics, methods)),

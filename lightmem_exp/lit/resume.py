@@ -136,7 +136,9 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        trainer.save_checkpoint(self.path)  # on every rank: the strategy writes on rank 0 and synchronises
+        # On every rank: the strategy writes on rank 0 and synchronises. A full checkpoint (optimizer, loops) is
+        # what resuming needs; saying so also keeps Lightning from logging its default at every save.
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:

@@ -8,13 +8,11 @@ all assistant tokens of the val set (token-weighted across batches); `val/loss_<
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lightmem_exp.backends.local_hf_lora import HFChatGenerator, LocalHFLoraBackend
@@ -22,6 +20,7 @@ from lightmem_exp.data.chat_sft import IGNORE_INDEX, collate_sft, split_last_tur
 from lightmem_exp.data.schema import parse_update_decision
 from lightmem_exp.errors import LmxError
 from lightmem_exp.eval.metrics import mean_scores
+from lightmem_exp.lit import losses
 from lightmem_exp.lit.trainer import CKPT_DIR, TrainableOnlyCheckpoint, adamw_cosine
 
 MONITOR = "val/loss"
@@ -31,10 +30,8 @@ BEST_CKPT = "best"
 def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: (sum of next-token NLL over labelled positions, number of labelled positions)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    keep = labels != IGNORE_INDEX
-    return (nll * keep).sum(1), keep.sum(1)
+    nll, mask = losses.lm_losses(logits, batch["labels"])
+    return (nll * mask).sum(1), mask.sum(1)
 
 
 class ChatSftModule(TrainableOnlyCheckpoint):
@@ -151,18 +148,7 @@ def _strictly_valid(text: str) -> bool:
         return False
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, rows: Sequence[dict], *, pad_id: int, batch_size: int) -> float:
-    """exp(mean NLL over assistant tokens) of encoded rows (`encode_rows` output)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in collate_sft(rows[i : i + batch_size], pad_id).items()}
-            sums, counts = token_nll(model, batch)
-            total, count = total + float(sums.sum()), count + int(counts.sum())
-    finally:
-        model.train(was_training)
-    return math.exp(total / count) if count else float("nan")
+    """`lit.losses.perplexity` over the assistant tokens of encoded rows (`encode_rows` output)."""
+    return losses.perplexity(model, (collate_sft(rows[i : i + batch_size], pad_id)
+                                     for i in range(0, len(rows), batch_size)))

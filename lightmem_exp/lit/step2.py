@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lightmem_exp.artifacts import read_jsonl, write_jsonl
-from lightmem_exp.data.mixed_memory import IGNORE, MixedMemoryCollator, MixedMemorySFTDataset, Sample
+from lightmem_exp.data.mixed_memory import MixedMemoryCollator, MixedMemorySFTDataset, Sample
 from lightmem_exp.errors import LmxError
+from lightmem_exp.lit.losses import lm_losses, perplexity, reduce_loss
 from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, adamw_cosine
+from lightmem_exp.models.chat import text_token_ids
 from lightmem_exp.models.injection import memory_inputs_embeds
 from lightmem_exp.models.loading import attach_lora, check_adapter_base, check_adapter_shapes
 
@@ -40,7 +40,7 @@ DRAWS_FILE = "epoch_draws.jsonl"
 
 def memory_vocab_ids(tokenizer, texts: Sequence[str], extra: Sequence[int] = ()) -> list[int]:
     """Sorted ids of every token the memory texts (and `extra`, e.g. the end marker) are made of."""
-    ids = {t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    ids = {t for text in texts for t in text_token_ids(tokenizer, text)}
     return sorted(ids | {int(t) for t in extra})
 
 
@@ -112,47 +112,16 @@ def start_from_step1(model: torch.nn.Module, adapter_dir: str | Path, model_cfg:
     return peft_model
 
 
-# ------------------------------------------------------------------------------------------------- losses
+# ------------------------------------------------------------------------------------------------- guard
 
 
-def lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL `[B, T-1]` of next-token prediction and its mask (labels != -100), float32."""
-    logits, target = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                          reduction="none").view(target.shape)
-    return nll, (target != IGNORE).float()
-
-
-def reduce_loss(nll: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """`token`: mean over every labelled token of the batch (long SFT replies weigh most);
-    `sample`: mean over samples of each sample's mean (each sample weighs the same)."""
-    if reduction == "token":
-        return (nll * mask).sum() / mask.sum().clamp_min(1)
-    per_sample = (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return per_sample[mask.sum(1) > 0].mean() if bool((mask.sum(1) > 0).any()) else per_sample.sum() * 0
-
-
-@torch.no_grad()
 def sft_perplexity(model: torch.nn.Module, samples: Sequence[Sample], pad_id: int, memory_pad_id: int,
                    batch_size: int = 8) -> float:
-    """exp(mean NLL over all assistant tokens) of plain conversations (no memory)."""
+    """`perplexity` over all assistant tokens of plain conversations (no memory)."""
     collate = MixedMemoryCollator(pad_id, memory_pad_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    try:
-        for i in range(0, len(samples), batch_size):
-            b = collate([{"input_ids": s.input_ids, "labels": s.labels, "memory": None, "kind": s.kind}
-                         for s in samples[i : i + batch_size]])
-            out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                        use_cache=False)
-            nll, mask = lm_losses(out.logits, b["labels"].to(device))
-            total += float((nll * mask).sum())
-            count += float(mask.sum())
-    finally:
-        model.train(was_training)
-    return math.exp(total / count) if count else float("nan")
+    return perplexity(model, (collate([{"input_ids": s.input_ids, "labels": s.labels, "memory": None, "kind": s.kind}
+                                       for s in samples[i : i + batch_size]])
+                              for i in range(0, len(samples), batch_size)))
 
 
 # -------------------------------------------------------------------------------------------------- module

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from lightmem_exp.data.packing import PackedMixedMemoryCollator, packed_forward, unpack_token_losses
-from lightmem_exp.lit.step2 import MixedMemoryModule, lm_losses
+from lightmem_exp.lit.losses import lm_losses
+from lightmem_exp.lit.step2 import MixedMemoryModule
 
 
 class PackedMixedMemoryModule(MixedMemoryModule):

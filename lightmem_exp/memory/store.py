@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from lightmem_exp.retrieval import RRF_K, BM25Retriever
+from lightmem_exp.retrieval import RRF_K, BM25Retriever, TextEmbedder
 
 MEMORY_TYPES = ("core", "episodic", "semantic", "procedural")
 SEARCH_MODES = ("hybrid", "bm25", "dense")
 CORE_ID = "core"
 ID_PREFIX = {"episodic": "ep", "semantic": "sem", "procedural": "proc"}
 DEFAULT_CORE_CHAR_LIMIT = 5000
-# bm25s logs one DEBUG line per index; the store builds an index per search (thousands per run).
-logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 class MemoryOpError(ValueError):
@@ -74,31 +71,6 @@ class Hit:
     content: str
     score: float
     rank: int
-
-
-class TextEmbedder:
-    """Unit-norm text embeddings, cached per text: rollouts of one group share almost every memory entry."""
-
-    def __init__(self, encode: Callable[[Sequence[str]], np.ndarray] | None = None, max_cache: int = 200_000):
-        self._encode = encode
-        self.cache: dict[str, np.ndarray] = {}
-        self.max_cache = max_cache
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if missing:
-            encode = self._encode
-            if encode is None:
-                from lightmem_exp.retrieval import embed_texts
-
-                encode = embed_texts
-            if len(self.cache) + len(missing) > self.max_cache:
-                self.cache.clear()
-            for t, v in zip(missing, np.asarray(encode(missing), dtype=np.float32), strict=True):
-                self.cache[t] = v
-        if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.stack([self.cache[t] for t in texts])
 
 
 class MemoryStore:

@@ -35,7 +35,8 @@ from transformers import (
 )
 
 from lightmem_exp.errors import LmxError
-from lightmem_exp.models.memory_bank import MemoryBank, logits_to_keep_kwargs
+from lightmem_exp.models.inputs import logits_to_keep_kwargs
+from lightmem_exp.models.memory_bank import MemoryBank
 from lightmem_exp.models.memory_head import MemoryHead
 
 # Warpers that only look at the scores' values, never at token ids, so they mean the same thing on memory logits.
@@ -153,9 +154,8 @@ def generate_with_recall(
 
     for step in range(d.max_new):
         out = model(input_ids=step_ids, inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_pos,
-                    past_key_values=cache, use_cache=True, output_hidden_states=recall_input, return_dict=True,
-                    **extra)
-        cache = out.past_key_values
+                    cache=cache, use_cache=True, output_hidden_states=recall_input, return_dict=True, **extra)
+        cache = out.cache
         logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         scores = d.processors(sequences, logits) if d.processors else logits
         next_tokens = _choose(scores, d.do_sample, generator)

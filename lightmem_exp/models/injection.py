@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from lightmem_exp.errors import LmxError
-from lightmem_exp.models.memory_bank import logits_to_keep_kwargs
+from lightmem_exp.models.inputs import logits_to_keep_kwargs
 
 
 def memory_inputs_embeds(model: torch.nn.Module, input_ids: torch.Tensor, vectors: torch.Tensor,
@@ -69,8 +69,8 @@ def decode_from_memories(model: torch.nn.Module, prompt_ids: Sequence[int], vect
         embeds = memory_inputs_embeds(model, ids, vectors.to(device), memory_pad_id)
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         positions = torch.arange(len(prompt), device=device)[None].expand(batch, -1)
-        out = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
-                    return_dict=True, **logits_to_keep_kwargs(model))
+        out = model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, return_dict=True,
+                    **logits_to_keep_kwargs(model))
         outputs: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         stop, eos = list(stop_ids), set(eos_ids)
@@ -85,8 +85,8 @@ def decode_from_memories(model: torch.nn.Module, prompt_ids: Sequence[int], vect
             if all(done) or step == max_new_tokens - 1:
                 break
             positions = positions[:, -1:] + 1
-            out = model(input_ids=nxt[:, None], position_ids=positions, past_key_values=out.past_key_values,
-                        use_cache=True, return_dict=True, **logits_to_keep_kwargs(model))
+            out = model(input_ids=nxt[:, None], position_ids=positions, cache=out.cache, use_cache=True,
+                        return_dict=True, **logits_to_keep_kwargs(model))
         return outputs
     finally:
         model.train(was_training)

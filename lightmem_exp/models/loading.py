@@ -6,7 +6,6 @@ Order a trainer follows:
     ids = ensure_memory_tokens(model, tok)            # adds <recall>/<|memory_pad|>/<think>/</think> when missing
     model = prepare_for_kbit_training(model)          # no-op unless 4-bit; freezes every base weight
     model = attach_lora(model, cfg.lora, token_ids=[ids.recall, ids.memory_pad])   # LoRA + only those token rows
-or, without LoRA, `train_token_rows(model, ids)` after freezing the rest, and `save_token_rows` to export the rows.
 """
 
 from __future__ import annotations
@@ -107,6 +106,12 @@ def _from_pretrained(loader: Callable[..., Any], path: str, what: str, **kwargs:
                 f"and cannot be downloaded offline (HF_HUB_OFFLINE=1). {hint}"
             ) from exc
         raise LmxError(f"cannot load the {what} from {path!r}: {exc}. {hint}") from exc
+
+
+def pretrained_model_cfg(model_cfg: Mapping[str, Any], name_or_path: str | Path) -> dict:
+    """`model_cfg` pointed at a ready model (a saved export such as step2's merged weights, or a hub id), loaded as
+    is: no `build`, pretrained weights; dtype, attention and context length stay `model_cfg`'s."""
+    return {**_plain(model_cfg), "name_or_path": str(name_or_path), "build": None, "init": "pretrained"}
 
 
 # ------------------------------------------------------------------------------------------------------- loaders
@@ -317,129 +322,25 @@ def require_memory_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path) 
     return MemoryTokenIds(ids[RECALL_TOKEN], ids[MEMORY_PAD_TOKEN], ids[THINK_TOKEN], ids[THINK_END_TOKEN])
 
 
-# ----------------------------------------------------------------------------------------------- trainable rows
+# ---------------------------------------------------------------------------------------------------------- LoRA
 
 
-@dataclass
-class RowGradMask:
-    """A gradient hook that zeroes the gradient of every row of `weight` except `row_ids`."""
+def validate_lora_cfg(lora_cfg: Mapping[str, Any], prefix: str = "lora.") -> None:
+    """Reject bad `lora.*` values before any model is loaded, by the checks of the `lora=` schema
+    (`config.schema.LoraConfig`); errors name `<prefix><key>`."""
+    from lightmem_exp.config.schema import LoraConfig
 
-    weight: nn.Parameter
-    row_ids: list[int]
-    handle: Any
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-    def param_group(self, **options: Any) -> dict[str, Any]:
-        # AdamW's decoupled weight decay would still shrink the frozen rows (their grad is zero, not None).
-        return {"params": [self.weight], **options, "weight_decay": 0.0}
-
-
-def train_only_rows(module: nn.Module, row_ids: list[int]) -> RowGradMask:
-    """Make `module.weight` (an embedding or lm_head, rows = tokens) trainable but let only `row_ids` change.
-
-    Put `handle.param_group()` in the optimizer (weight_decay 0) so the other rows stay bit-identical. The full
-    gradient and optimizer state are still allocated; with LoRA prefer `attach_lora(..., token_ids=...)`.
-    With tied embeddings the input and output rows are one tensor, so the same rows of lm_head train too.
-    """
-    weight = module.weight
-    if weight.dim() != 2:
-        raise LmxError(f"train_only_rows needs a 2-D weight, got shape {tuple(weight.shape)}")
-    bad = [i for i in row_ids if not 0 <= i < weight.shape[0]]
-    if bad or not row_ids:
-        raise LmxError(f"row ids {bad or row_ids} out of range for a weight with {weight.shape[0]} rows")
-    mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
-    mask[list(row_ids)] = True
-    weight.requires_grad_(True)
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask.to(grad.device)
-
-    return RowGradMask(weight, list(row_ids), weight.register_hook(hook))
-
-
-def train_token_rows(model: PreTrainedModel, ids: MemoryTokenIds | list[int]) -> list[RowGradMask]:
-    """`train_only_rows` on the input embedding and, when it is a separate matrix, on lm_head (so the model can
-    learn to emit the token). Tied models get a single hook."""
-    row_ids = _row_ids(ids)
-    inp = model.get_input_embeddings()
-    masks = [train_only_rows(inp, row_ids)]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not inp.weight:
-        masks.append(train_only_rows(out, row_ids))
-    return masks
+    try:
+        LoraConfig(r=_get(lora_cfg, "r"), alpha=_get(lora_cfg, "alpha"), dropout=_get(lora_cfg, "dropout", 0.0),
+                   target_modules=_plain(_get(lora_cfg, "target_modules")))
+    except ConfigError as e:
+        raise ConfigError(prefix + e.key, e.detail) from None
 
 
 def _row_ids(ids: MemoryTokenIds | list[int]) -> list[int]:
     if isinstance(ids, MemoryTokenIds):
         return [i for i in (ids.recall, ids.memory_pad, ids.think, ids.think_end) if i is not None]
     return [int(i) for i in ids]
-
-
-def save_token_rows(model: PreTrainedModel, ids: MemoryTokenIds | list[int], path: str | Path) -> Path:
-    """Save only the given rows of the input embedding (and of an untied lm_head) as safetensors."""
-    from safetensors.torch import save_file
-
-    row_ids = _row_ids(ids)
-    inp = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    index = torch.tensor(row_ids, dtype=torch.long)
-    tensors = {"ids": index, "input_embeddings": inp.detach()[index.to(inp.device)].cpu().contiguous()}
-    tied = out is None or out.weight is inp
-    if not tied:
-        tensors["output_embeddings"] = out.weight.detach()[index.to(out.weight.device)].cpu().contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"tied": str(tied).lower(), "num_embeddings": str(inp.shape[0])})
-    return path
-
-
-@torch.no_grad()
-def load_token_rows(model: PreTrainedModel, path: str | Path) -> list[int]:
-    """Copy rows saved by `save_token_rows` into the model; returns their ids."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    if "ids" not in tensors or "input_embeddings" not in tensors:
-        raise LmxError(f"{path}: not a token-rows file (needs 'ids' and 'input_embeddings')")
-    row_ids = tensors["ids"].tolist()
-    inp = model.get_input_embeddings().weight
-    rows = tensors["input_embeddings"]
-    if rows.shape[1] != inp.shape[1] or max(row_ids) >= inp.shape[0]:
-        raise LmxError(
-            f"{path}: rows of width {rows.shape[1]} for ids up to {max(row_ids)} do not fit an embedding of shape "
-            f"{tuple(inp.shape)}; it was saved from another model"
-        )
-    inp[row_ids] = rows.to(inp.device, inp.dtype)
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not inp:
-        if "output_embeddings" in tensors:
-            out.weight[row_ids] = tensors["output_embeddings"].to(out.weight.device, out.weight.dtype)
-        else:
-            log.warning("%s holds no lm_head rows (saved from a tied model); lm_head left unchanged", path)
-    return row_ids
-
-
-# ---------------------------------------------------------------------------------------------------------- LoRA
-
-
-def validate_lora_cfg(lora_cfg: Mapping[str, Any], prefix: str = "lora.") -> None:
-    """Reject bad `lora.*` values before any model is loaded; errors name `<prefix><key>`."""
-    r = _get(lora_cfg, "r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(prefix + "r", f"must be an integer >= 1, got {r!r}")
-    alpha = _get(lora_cfg, "alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ConfigError(prefix + "alpha", f"must be a number > 0, got {alpha!r}")
-    dropout = _get(lora_cfg, "dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(prefix + "dropout", f"must be in [0, 1), got {dropout!r}")
-    targets = _plain(_get(lora_cfg, "target_modules"))
-    if targets == "all-linear":
-        return
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(prefix + "target_modules", f"must be a non-empty list of module names, got {targets!r}")
 
 
 def attach_lora(

@@ -28,7 +28,6 @@ sit near 1: the scale is measured per model, never assumed.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from lightmem_exp.artifacts import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from lightmem_exp.errors import DataError, LmxError
+from lightmem_exp.models.inputs import logits_to_keep_kwargs, pad_batch
 from lightmem_exp.models.memory_head import MemoryHead
 
 VECTORS_FILE = "vectors.safetensors"
@@ -167,7 +167,7 @@ class MemoryBank:
         model.eval()
         try:
             for batch in _progress(batches, progress):
-                input_ids, mask = _pad([ids[i] for i in batch], pad_id, side)
+                input_ids, mask = pad_batch([ids[i] for i in batch], pad_id, side)
                 hidden = encode_last_token(model, input_ids.to(device), mask.to(device))
                 vectors[batch] = hidden.float().cpu()
         finally:
@@ -323,23 +323,6 @@ def last_token_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention
 def encode_last_token(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """`last_token_hidden`, L2-normalised, float32, without autograd: what a bank stores."""
     return F.normalize(last_token_hidden(model, input_ids, attention_mask).float(), dim=-1)
-
-
-def logits_to_keep_kwargs(model: torch.nn.Module) -> dict:
-    """`logits_to_keep=1` where the forward accepts it (as `generate` does): only the last position's logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-
-
-def _pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
 
 
 def _progress(items: list, enabled: bool):

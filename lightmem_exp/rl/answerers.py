@@ -162,6 +162,7 @@ class RecallAnswerer:
 
         from lightmem_exp.models.chat import chat_token_ids
         from lightmem_exp.models.generation import generate_with_recall
+        from lightmem_exp.models.inputs import pad_batch
         from lightmem_exp.models.memory_bank import MemoryBank
 
         units = store.units()
@@ -178,9 +179,8 @@ class RecallAnswerer:
             batch = questions[start : start + self.batch_size]
             prompts = [[*chat_token_ids(self.tokenizer, [{"role": "user", "content": q["question"]}],
                                         add_generation_prompt=True), self.ids.recall] for q in batch]
-            width = max(len(p) for p in prompts)  # left padding: generate_with_recall needs it
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            # left padding (generate_with_recall needs it), on the model's device
+            ids, mask = pad_batch(prompts, pad, device=next(self.model.parameters()).device)
             out = generate_with_recall(self.model, ids, mask, bank=bank, recall_token_id=self.ids.recall,
                                        memory_pad_token_id=self.ids.memory_pad, max_new_tokens=self.max_new_tokens,
                                        pad_token_id=pad, use_sampling=False)

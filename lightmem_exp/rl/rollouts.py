@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lightmem_exp.models.chat import chat_token_ids
+from lightmem_exp.models.inputs import pad_batch
 
 
 @dataclass
@@ -72,14 +73,9 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]]
         else:
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
-                width = max(len(p) for p in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for j, p in enumerate(batch):
-                    ids[j, width - len(p) :] = torch.tensor(p)
-                    mask[j, width - len(p) :] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-                completions += [_until_end(row, eos) for row in out[:, width:].tolist()]
+                ids, mask = pad_batch(batch, pad, device=device)
+                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                completions += [_until_end(row, eos) for row in out[:, ids.shape[1]:].tolist()]
     finally:
         model.train(was_training)
     texts = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
@@ -90,11 +86,11 @@ def _shared_prefix(model, prompt: list[int], group_size: int, device, eos: set[i
                    ) -> list[list[int]]:
     """G rows of one prompt: prefill once, repeat the KV cache G times, decode the G rows together."""
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values if len(prompt) > 1 else None
+    cache = model(input_ids=ids[:, :-1], use_cache=True).cache if len(prompt) > 1 else None
     if cache is not None:
         cache.batch_repeat_interleave(group_size)
     full = ids.expand(group_size, -1)
-    out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache, **kwargs)
+    out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), cache=cache, **kwargs)
     return [_until_end(row, eos) for row in out[:, len(prompt) :].tolist()]
 
 

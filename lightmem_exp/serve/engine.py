@@ -32,7 +32,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from lightmem_exp.errors import LmxError
 from lightmem_exp.eval.methods import split_recall_output
 from lightmem_exp.models.generation import RecallOutput, generate_with_recall
-from lightmem_exp.models.memory_bank import _pad
+from lightmem_exp.models.inputs import pad_batch
 from lightmem_exp.serve.model import MemoryModel
 
 log = logging.getLogger(__name__)
@@ -204,14 +204,14 @@ def run_batch(mm: MemoryModel, reqs: Sequence[GenRequest], *, top_k_trace: int =
     sampling = reqs[0].sampling
     if any(r.sampling != sampling for r in reqs):
         raise LmxError("run_batch: the requests of one batch must share their sampling settings")
-    ids, mask = _pad([r.prompt for r in reqs], mm.pad_id, "left")
     device = mm.device
+    ids, mask = pad_batch([r.prompt for r in reqs], mm.pad_id, device=device)
     rows = _Rows(mm, reqs, ids.shape[1])
     generator = None
     if not sampling.greedy and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     out = generate_with_recall(
-        mm.model, ids.to(device), mask.to(device), bank=mm.bank, recall_enabled=mm.recalls,
+        mm.model, ids, mask, bank=mm.bank, recall_enabled=mm.recalls,
         recall_token_id=mm.recall_id, memory_pad_token_id=mm.memory_pad_id, max_new_tokens=rows.max_new,
         # end tokens are per row (`ignore_eos`): `_Rows` ends rows, [] keeps the generation config's from doing it
         eos_token_id=[], pad_token_id=mm.pad_id, use_sampling=not sampling.greedy,

@@ -23,14 +23,15 @@ from typing import Any
 from lightmem_exp.artifacts import load_manifest, read_json
 from lightmem_exp.errors import LmxError
 from lightmem_exp.models.chat import chat_token_ids
+from lightmem_exp.models.inputs import ModelHandle
 from lightmem_exp.models.memory_bank import MemoryBank
 
-DEFAULT_END_MARKER = "</memory>"  # step2's default `stage.end_marker`, for an export without its manifest
+DEFAULT_END_MARKER = "</memory>"  # step2's default `step2.end_marker`, for an export without its manifest
 RECALL_MODES = ("force", "model", "off")
 
 
 @dataclass
-class MemoryModel:
+class MemoryModel(ModelHandle):
     """A loaded model ready to answer chats. `recall`: force (every prompt ends with `<recall>`, as eval's `recall`
     method does), model (only when the model emits `<recall>` itself) or off; only a model with a bank recalls."""
 
@@ -50,15 +51,6 @@ class MemoryModel:
     @property
     def recalls(self) -> bool:
         return self.bank is not None and self.recall != "off"
-
-    @property
-    def device(self) -> Any:
-        return next(self.model.parameters()).device
-
-    @property
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     @property
     def eos_ids(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""The stage registry and runner. Only stages that really exist are registered; `pipeline` runs them in order."""
+"""The stage registry and runner. Only stages that really exist are registered; `stage=pipeline` runs the stages of
+`pipeline` in order and ends with a table of what each produced."""
 
 from __future__ import annotations
 
@@ -7,49 +8,51 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from omegaconf import DictConfig, OmegaConf
 
 from lightmem_exp.artifacts import MANIFEST, load_manifest
-from lightmem_exp.config import save_resolved, validate_common
-from lightmem_exp.errors import ConfigError, LmxError
+from lightmem_exp.config import save_resolved, typed, validate_common
+from lightmem_exp.config.schema import STAGE_CONFIGS
+from lightmem_exp.errors import LmxError
 from lightmem_exp.logging_utils import finish_loggers
-from lightmem_exp.stages.base import StageResult, stage_dir
+from lightmem_exp.stages.base import Recipe, StageResult, stage_dir
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage module exposing `run(cfg) -> StageResult`, `validate(cfg)` and `UPSTREAM`; imported on first use
-    so that `stage=data` does not pay for importing the training stack."""
+    """A stage's `Recipe` class, imported on first use so that `stage=data` does not pay for the training stack."""
 
     name: str
     module: str
+    recipe_class: str
 
     @property
-    def impl(self) -> ModuleType:
-        return importlib.import_module(self.module)
+    def recipe(self) -> type[Recipe]:
+        return getattr(importlib.import_module(self.module), self.recipe_class)
 
 
 STAGES: dict[str, Stage] = {
-    "data": Stage("data", "lightmem_exp.stages.data"),
-    "step1": Stage("step1", "lightmem_exp.stages.step1"),
-    "step2": Stage("step2", "lightmem_exp.stages.step2"),
-    "sft": Stage("sft", "lightmem_exp.stages.sft"),
-    "adrpo": Stage("adrpo", "lightmem_exp.stages.adrpo"),
-    "eval": Stage("eval", "lightmem_exp.stages.eval"),
+    "data": Stage("data", "lightmem_exp.stages.data", "DataRecipe"),
+    "step1": Stage("step1", "lightmem_exp.stages.step1", "Step1Recipe"),
+    "step2": Stage("step2", "lightmem_exp.stages.step2", "Step2Recipe"),
+    "sft": Stage("sft", "lightmem_exp.stages.sft", "SftRecipe"),
+    "adrpo": Stage("adrpo", "lightmem_exp.stages.adrpo", "AdrpoRecipe"),
+    "eval": Stage("eval", "lightmem_exp.stages.eval", "EvalRecipe"),
 }
 
 # Keys that do not change what a stage computes, ignored when deciding if a finished stage can be reused.
 _VOLATILE = ("overwrite", "progress", "runtime", "logger", "resume")
 
 
-def _stage_cfg(cfg: DictConfig, name: str, in_pipeline: bool) -> DictConfig:
-    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    if in_pipeline:
-        sub.stage = cfg.stage.stages[name]
+def stage_config(cfg: DictConfig, name: str, in_pipeline: bool = False) -> DictConfig:
+    """Stage `name`'s view of the request: `stage` set to it, the other stages' blocks and the pipeline order
+    dropped, so its saved config (and whether a finished run can be reused) depends on its own knobs only."""
+    others = {*STAGE_CONFIGS, "pipeline"} - {name}
+    sub = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in others})
+    sub.stage = name
     sub.runtime = {"in_pipeline": in_pipeline}
     return sub
 
@@ -116,7 +119,7 @@ def _prepare_unfinished(sub: DictConfig, name: str, sdir: Path) -> None:
 
 def run_stage(cfg: DictConfig, name: str, *, in_pipeline: bool = False) -> StageResult:
     """Run one registered stage in its own directory; the stage writes its manifest last."""
-    sub = _stage_cfg(cfg, name, in_pipeline)
+    sub = stage_config(cfg, name, in_pipeline)
     sdir = stage_dir(sub, name)
     sub.runtime.stage_dir = str(sdir)
     manifest = sdir / MANIFEST
@@ -145,7 +148,7 @@ def run_stage(cfg: DictConfig, name: str, *, in_pipeline: bool = False) -> Stage
 
     setup_runtime(sub)
     try:
-        return STAGES[name].impl.run(sub)
+        return STAGES[name].recipe(sub).run()
     finally:
         finish_loggers()
 
@@ -153,40 +156,44 @@ def run_stage(cfg: DictConfig, name: str, *, in_pipeline: bool = False) -> Stage
 def _reuse(name: str, sdir: Path) -> StageResult:
     m = load_manifest(sdir, expect_stage=name)
     return StageResult(stage=name, dir=sdir, manifest=m, metrics=m.metrics,
-                       headline=float(m.metrics.get("headline", float("nan"))))
+                       headline=float(m.metrics.get("headline", float("nan"))), reused=True)
 
 
 def validate(cfg: DictConfig) -> list[str]:
     """Validate the whole request before any work starts; returns the stages that will run."""
     validate_common(cfg)
-    name = cfg.stage.name
-    if name == "pipeline":
-        order = list(cfg.stage.order)
-        unknown = [s for s in order if s not in STAGES]
-        if unknown:
-            raise LmxError(f"stage.order names stages that do not exist: {unknown} (registered: {list(STAGES)})")
-        for s in order:
-            try:
-                STAGES[s].impl.validate(_stage_cfg(cfg, s, True))
-            except ConfigError as e:
-                if not e.key.startswith("stage."):
-                    raise
-                # the sub-stage sees its own block as `stage`; name the key the user sets on the command line
-                raise ConfigError(f"stage.stages.{s}.{e.key.removeprefix('stage.')}",
-                                  str(e).removeprefix(f"config '{e.key}': ")) from None
-        return order
-    if name not in STAGES:
-        raise LmxError(f"stage '{name}' is not implemented (registered: {list(STAGES)})")
-    STAGES[name].impl.validate(cfg)
-    return [name]
+    name = cfg.stage
+    order = list(cfg.pipeline) if name == "pipeline" else [name]
+    unknown = [s for s in order if s not in STAGES]
+    if unknown:
+        where = "pipeline" if name == "pipeline" else "stage"
+        raise LmxError(f"{where} names stages that do not exist: {unknown} (registered: {list(STAGES)}, or "
+                       "stage=pipeline)")
+    for s in order:
+        sub = stage_config(cfg, s, name == "pipeline")
+        if s in STAGE_CONFIGS:
+            typed(sub, s)
+        STAGES[s].recipe.validate(sub)
+    return order
 
 
 def run(cfg: DictConfig) -> StageResult:
-    """Entry used by __main__: validate, then run the chosen stage or the whole pipeline."""
+    """Entry used by __main__: validate, run the chosen stage or the whole pipeline, print what each produced."""
     order = validate(cfg)
-    if cfg.stage.name != "pipeline":
-        return run_stage(cfg, order[0])
-    result = None
-    for s in order:
-        result = run_stage(cfg, s, in_pipeline=True)
-    return result
+    results = [run_stage(cfg, s, in_pipeline=cfg.stage == "pipeline") for s in order]
+    log.info("%s", summary_table(results))
+    return results[-1]
+
+
+def summary_table(results: list[StageResult]) -> str:
+    """What each stage produced: its headline metric and where its outputs (and the eval report) are."""
+    rows = [("stage", "status", "headline", "outputs")]
+    for r in results:
+        status = "reused" if r.reused else "ran"
+        where = str(r.dir)
+        if r.manifest is not None and "report" in r.manifest.outputs:
+            where = str(r.manifest.path("report"))
+        rows.append((r.stage, status, "-" if r.headline != r.headline else f"{r.headline:.4g}", where))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3] for row in rows]
+    return "run summary\n" + "\n".join(lines)

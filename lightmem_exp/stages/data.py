@@ -1,30 +1,20 @@
 """Stage data: turn LoCoMo / LongMemEval dialogues and the SFT pool into the artifacts every later stage reads.
 
 Row schemas are documented in `lightmem_exp.data.schema`; counts, quirks and length percentiles go
-into the manifest's `stats`.
+into the manifest's `stats`. The stage's knobs are the dataset's (`data.*`, `DataConfig`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from lightmem_exp.artifacts import Manifest, write_json, write_jsonl, write_manifest
-from lightmem_exp.config import require
+from lightmem_exp.artifacts import write_json, write_jsonl
 from lightmem_exp.data import ARTIFACTS, build_dataset
-from lightmem_exp.logging_utils import make_logger, run_id
+from lightmem_exp.data.build import DataBuild
+from lightmem_exp.logging_utils import make_logger
 from lightmem_exp.models.chat import chat_token_ids
 from lightmem_exp.models.loading import load_tokenizer
-from lightmem_exp.stages.base import StageResult
-
-UPSTREAM: tuple[str, ...] = ()
-
-
-def validate(cfg: DictConfig) -> None:
-    require(cfg, "data.name", lambda v: v in ("locomo", "longmemeval"), "'locomo' or 'longmemeval'")
-    require(cfg, "data.context_window", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    require(cfg, "data.max_sft", lambda v: isinstance(v, int) and v >= 1, "null or an integer >= 1", allow_none=True)
+from lightmem_exp.stages.base import Recipe, StageResult
 
 
 def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
@@ -38,30 +28,35 @@ def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run(cfg: DictConfig) -> StageResult:
-    sdir = Path(cfg.runtime.stage_dir)
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
-    built = build_dataset(
-        cfg.data.name, Path(cfg.data.path), Path(cfg.data.sft_dir),
-        lambda messages: len(chat_token_ids(tokenizer, messages)),
-        seed=cfg.seed, split_fractions=tuple(cfg.data.split_fractions), max_sft=cfg.data.max_sft,
-        context_window=cfg.data.context_window, progress=cfg.progress,
-    )
-    outputs = {}
-    for name in ARTIFACTS:
-        write_jsonl(sdir / f"{name}.jsonl", built.artifacts[name])
-        outputs[name] = f"{name}.jsonl"
-    write_json(sdir / "splits.json", built.splits)
-    outputs["splits"] = "splits.json"
+class DataRecipe(Recipe):
+    name = "data"
 
-    metrics = {f"count/{k}": len(built.artifacts[k]) for k in ARTIFACTS}
-    metrics["headline"] = float(len(built.artifacts["memories"]))
-    logger = make_logger(cfg, sdir)
-    if logger is not None:
-        logger.log_hyperparams({"data": cfg.data.name, "seed": cfg.seed, "model": cfg.model.name})
-        logger.log_metrics({**metrics, **_flat_numbers(built.stats, "stats/")})
-        logger.save()
-    manifest = Manifest(stage="data", seed=cfg.seed, outputs=outputs, metrics=metrics, stats=built.stats,
-                        run_id=run_id(logger))
-    write_manifest(sdir, manifest)
-    return StageResult(stage="data", dir=sdir, manifest=manifest, metrics=metrics, headline=metrics["headline"])
+    def run(self) -> StageResult:
+        built = self.build()
+        self.export(built)
+        return self.finish(self.metrics["headline"])
+
+    def build(self) -> DataBuild:
+        """Read the dialogues and the SFT pool, counting chat-template tokens with `model=`'s tokenizer."""
+        d = self.cfg.data
+        tokenizer = load_tokenizer(self.cfg.model, self.cfg.paths.data)
+        return build_dataset(
+            d.name, Path(d.path), Path(d.sft_dir), lambda messages: len(chat_token_ids(tokenizer, messages)),
+            seed=self.cfg.seed, split_fractions=tuple(d.split_fractions), max_sft=d.max_sft,
+            context_window=d.context_window, progress=self.cfg.progress)
+
+    def export(self, built: DataBuild) -> None:
+        """One JSONL per artifact plus splits.json; counts as metrics, the builder's stats in the manifest."""
+        for name in ARTIFACTS:
+            write_jsonl(self.dir / f"{name}.jsonl", built.artifacts[name])
+            self.outputs[name] = f"{name}.jsonl"
+        write_json(self.dir / "splits.json", built.splits)
+        self.outputs["splits"] = "splits.json"
+        self.metrics = {f"count/{k}": len(built.artifacts[k]) for k in ARTIFACTS}
+        self.metrics["headline"] = float(len(built.artifacts["memories"]))
+        self.stats = built.stats
+        self.logger = make_logger(self.cfg, self.dir)
+        if self.logger is not None:
+            self.logger.log_hyperparams({"data": self.cfg.data.name, "seed": self.cfg.seed,
+                                         "model": self.cfg.model.name})
+            self.logger.log_metrics(_flat_numbers(built.stats, "stats/"))

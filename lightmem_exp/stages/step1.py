@@ -1,25 +1,18 @@
-"""Stage step1: train `<recall>` so its hidden state queries the memory bank (see conf/stage/step1.yaml)."""
+"""Stage step1: train `<recall>` so its hidden state queries the memory bank (`Step1Config`, config/schema.py).
+
+Outputs (stage dir): bank/ (every memory's vector), adapter/ (LoRA + the two memory-token rows), tokenizer/,
+written_memories.jsonl (what step2 writes, tagged with its split), sft_draw.json (the <think> samples drawn).
+"""
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections import Counter
-from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
-from lightmem_exp.artifacts import (
-    Manifest,
-    atomic_dir,
-    read_json,
-    write_json,
-    write_jsonl,
-    write_manifest,
-)
-from lightmem_exp.config import INT1, OPT_INT1, OPT_POSITIVE, int_at_least, is_bool, positive, require, require_all
+from lightmem_exp.artifacts import atomic_dir, read_json, write_json, write_jsonl
 from lightmem_exp.data.recall_queries import RecallQueryDataset, collate_queries, think_query_ids, user_query_ids
 from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.data.sft_sampling import draw_within_limit, think_segments
@@ -27,7 +20,8 @@ from lightmem_exp.errors import LmxError
 from lightmem_exp.lit.resume import ResumableLoader
 from lightmem_exp.lit.step1 import RecallQueryModule
 from lightmem_exp.lit.trainer import make_trainer, resume_path, throughput_stats
-from lightmem_exp.logging_utils import make_logger, run_id
+from lightmem_exp.logging_utils import make_logger
+from lightmem_exp.models.chat import text_token_ids
 from lightmem_exp.models.loading import (
     attach_lora,
     ensure_memory_tokens,
@@ -38,36 +32,7 @@ from lightmem_exp.models.loading import (
 )
 from lightmem_exp.models.memory_bank import MemoryBank, bank_token_ids
 from lightmem_exp.retrieval import BM25Retriever, DenseRetriever, ranking_metrics
-from lightmem_exp.stages.base import StageResult, load_upstream
-
-log = logging.getLogger(__name__)
-UPSTREAM = ("data",)
-
-
-def validate(cfg: DictConfig) -> None:
-    s = "stage."
-    require(cfg, s + "max_epochs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    require(cfg, s + "batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    require(cfg, s + "lr", positive, "a number > 0")
-    require(cfg, s + "temperature", positive, "a number > 0")
-    require(cfg, s + "weight_decay", lambda v: v >= 0, "a number >= 0")
-    require(cfg, s + "warmup_ratio", lambda v: 0 <= v < 1, "a number in [0, 1)")
-    require(cfg, s + "negatives", lambda v: v in ("bank", "in_batch"), "'bank' or 'in_batch'")
-    require(cfg, s + "sft_ratio", lambda v: v >= 0, "a number >= 0")
-    require(cfg, s + "sft_max_tokens", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    require(cfg, s + "max_query_tokens", lambda v: isinstance(v, int) and v >= 8, "an integer >= 8")
-    require(cfg, "data.max_memories", lambda v: isinstance(v, int) and v >= 1, "null or an integer >= 1",
-            allow_none=True)
-    require(cfg, "data.write_splits", lambda v: len(v) > 0 and len(set(v)) == len(v)
-            and set(v) <= {"train", "val", "test"}, "a non-empty list of distinct splits among train, val, test")
-    require_all(cfg, s, [
-        ("bank_batch_size", *INT1),
-        ("max_train_queries", *OPT_INT1),
-        ("eval_ks", lambda v: len(v) > 0 and all(int_at_least(1)(k) for k in v), "a non-empty list of integers >= 1"),
-        ("ckpt_every_n_steps", *OPT_INT1),
-        ("gradient_clip_val", *OPT_POSITIVE),
-        ("refresh_keys", is_bool, "true or false"),
-    ])
+from lightmem_exp.stages.base import Recipe, StageResult
 
 
 def select_written_memories(memories: list[dict], pairs: list[dict], train_convs: set[str], cap: int | None,
@@ -124,110 +89,134 @@ def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank
     return ranking_metrics(idx.tolist(), [set(r["targets"]) for r in rows], ks)
 
 
-def run(cfg: DictConfig) -> StageResult:
-    sdir, st = Path(cfg.runtime.stage_dir), cfg.stage
-    data = load_upstream(cfg, "data")
-    memories = read_artifact(data, "memories")
-    pairs = read_artifact(data, "recall_pairs")
-    splits = read_json(data.path("splits"))
-    pool = read_artifact(data, "sft_pool")
+class Step1Recipe(Recipe):
+    name = "step1"
 
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
-    model = load_model(cfg.model, cfg.paths.data, quant_cfg=cfg.quant)
-    tok_ids = ensure_memory_tokens(model, tokenizer)
-    pad_id, bs, ks, mq = tokenizer.pad_token_id, st.batch_size, list(st.eval_ks), st.max_query_tokens
-    train_convs, val_convs = set(splits["train"]), set(splits["val"])
+    def run(self) -> StageResult:
+        self.setup_data()
+        self.setup_model()
+        self.setup_queries()
+        self.setup_training()
+        self.train()
+        self.evaluate()
+        if not self.trainer.is_global_zero:
+            return self.result_without_manifest()
+        self.export()
+        return self.finish(self.metrics["headline"])
 
-    written = written_memories(memories, pairs, splits, list(cfg.data.write_splits), cfg.data.max_memories,
-                               cfg.seed)
-    if not written:
-        raise LmxError(f"no memories to train on: the train split of {data.dir} has no recall pairs")
-    segments = think_segments(pool)
-    draw = draw_within_limit(
-        segments, math.ceil(len(written) * st.sft_ratio), max_tokens=st.sft_max_tokens, rng=random.Random(cfg.seed),
-        n_tokens=lambda s: len(tokenizer(s["think"], add_special_tokens=False)["input_ids"]),
-        what="step1 <think> sampling from the SFT pool",
-    )
+    def setup_data(self) -> None:
+        """The data manifest's artifacts and the memories step2 will write (data.write_splits, data.max_memories)."""
+        data = self.upstream("data")
+        self.memories = read_artifact(data, "memories")
+        self.pairs = read_artifact(data, "recall_pairs")
+        self.splits = read_json(data.path("splits"))
+        self.pool = read_artifact(data, "sft_pool")
+        d = self.cfg.data
+        self.written = written_memories(self.memories, self.pairs, self.splits, list(d.write_splits), d.max_memories,
+                                        self.cfg.seed)
+        if not self.written:
+            raise LmxError(f"no memories to train on: the train split of {data.dir} has no recall pairs")
 
-    # Training keys: every train-split memory that answers a train pair, then the drawn <think> segments.
-    key_mems = select_written_memories(memories, pairs, train_convs, None, cfg.seed)
-    key_of = {m["id"]: k for k, m in enumerate(key_mems)}
-    key_texts = [m["text"] for m in key_mems] + [s["think"] for s in draw.items]
-    key_ids = bank_token_ids(tokenizer, key_texts)
-    train_rows = [
-        {"input_ids": user_query_ids(tokenizer, p["query"], tok_ids.recall, mq), "kind": p["query_kind"],
-         "targets": [key_of[m] for m in p["memory_ids"] if m in key_of]}
-        for p in pairs if p["conv_id"] in train_convs
-    ]
-    train_rows = [r for r in train_rows if r["targets"]]
-    if st.max_train_queries is not None and len(train_rows) > st.max_train_queries:
-        train_rows = random.Random(cfg.seed).sample(train_rows, st.max_train_queries)  # fits the time budget
-    train_rows += [
-        {"input_ids": think_query_ids(tokenizer, s["context"], tok_ids.recall, mq), "kind": "think",
-         "targets": [len(key_mems) + j]}
-        for j, s in enumerate(draw.items)
-    ]
+    def setup_model(self) -> None:
+        """The base model and tokenizer with the memory tokens added."""
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model, cfg.paths.data)
+        self.model = load_model(cfg.model, cfg.paths.data, quant_cfg=cfg.quant)
+        self.tok_ids = ensure_memory_tokens(self.model, self.tokenizer)
 
-    # Evaluation: the val split's questions against the full bank of every memory.
-    bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)
-    row_of = {mid: i for i, mid in enumerate(bank.ids)}
-    val_pairs = [p for p in pairs if p["conv_id"] in val_convs and p["query_kind"] == "question"
-                 and any(m in row_of for m in p["memory_ids"])]
-    val_rows = [{"input_ids": user_query_ids(tokenizer, p["query"], tok_ids.recall, mq), "kind": "question",
-                 "targets": [row_of[m] for m in p["memory_ids"] if m in row_of]} for p in val_pairs]
-
-    # LoRA plus only the <recall>/<|memory_pad|> embedding rows (PEFT trainable tokens: the adapter stores just
-    # those rows, so neither a full embedding matrix nor its optimizer state exists).
-    model = prepare_for_kbit_training(model, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
-    model = attach_lora(model, cfg.lora, token_ids=[tok_ids.recall, tok_ids.memory_pad])
-    module = RecallQueryModule(model, key_ids, pad_id=pad_id, temperature=st.temperature, negatives=st.negatives,
-                               refresh_keys=st.refresh_keys, lr=st.lr, weight_decay=st.weight_decay,
-                               warmup_ratio=st.warmup_ratio, encode_batch_size=st.bank_batch_size)
-    metrics: dict[str, float] = {}
-    if val_rows:
-        metrics.update({f"untrained/{k}": v for k, v in recall_metrics(module, val_rows, bank, pad_id, bs, ks).items()})
-
-    logger = make_logger(cfg, sdir)
-    loader = ResumableLoader(RecallQueryDataset(train_rows), batch_size=bs, shuffle=True, seed=cfg.seed,
-                             collate_fn=lambda rows: collate_queries(rows, pad_id))
-    trainer = make_trainer(cfg, sdir, max_epochs=st.max_epochs, logger=logger,
-                           ckpt_every_n_steps=st.ckpt_every_n_steps, gradient_clip_val=st.gradient_clip_val)
-    module.train()  # from_pretrained returns eval mode and Lightning keeps it: gradient checkpointing would be off
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path(cfg, sdir))
-    throughput = throughput_stats(trainer, model)
-    if st.refresh_keys:  # the keys moved with the model: the exported bank is re-encoded by the trained model
-        bank = MemoryBank.build(model, tokenizer, memories, batch_size=st.bank_batch_size, progress=cfg.progress)
-
-    if val_rows:
-        metrics.update({f"val/{k}": v for k, v in recall_metrics(module, val_rows, bank, pad_id, bs, ks).items()})
-        texts = [m["text"] for m in bank.entries]
-        questions = [p["query"] for p in val_pairs]
-        positives = [set(r["targets"]) for r in val_rows]
-        for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
-            idx, _ = retriever.search(questions, max(ks))
-            metrics.update({f"baseline/{name}/{k}": v for k, v in ranking_metrics(idx.tolist(), positives, ks).items()})
-    metrics["headline"] = metrics.get("val/recall@1", float("nan"))
-
-    manifest = None
-    if trainer.is_global_zero:
-        for name, save in (("bank", bank.save), ("adapter", lambda d: save_adapter(model, d)),
-                           ("tokenizer", lambda d: tokenizer.save_pretrained(str(d)))):
-            with atomic_dir(sdir / name) as tmp:
-                save(tmp)
-        write_jsonl(sdir / "written_memories.jsonl",
-                    ({k: m[k] for k in ("id", "text", "conv_id", "split")} for m in written))
-        write_json(sdir / "sft_draw.json", {"pool_indices": [[s["pool_index"], s["turn"]] for s in draw.items],
-                                            "skipped_too_long": draw.skipped_too_long})
-        if logger is not None:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "headline"})
-        manifest = Manifest(
-            stage="step1", seed=cfg.seed, metrics=metrics, run_id=run_id(logger), inputs={"data": data.ref()},
-            outputs={"bank": "bank", "adapter": "adapter", "tokenizer": "tokenizer", "written_memories": "written_memories.jsonl", "sft_draw": "sft_draw.json"},
-            stats={"throughput": throughput, "train_queries": len(train_rows), "train_keys": len(key_ids), "written_memories": len(written),
-                   "written_per_split": dict(Counter(m["split"] for m in written)),
-                   "think_samples": len(draw.items),
-                   "val_questions": len(val_rows), "bank_size": len(bank), "memory_tokens_added": tok_ids.added,
-                   "bank_vectors": "re-encoded by the trained model" if st.refresh_keys else "frozen base model"},
+    def setup_queries(self) -> None:
+        """Training keys (every train-split memory that answers a train pair, then the drawn <think> segments) and
+        their `<recall>` queries; the base model's bank of every memory and the val split's questions against it."""
+        a, seed, tokenizer, recall = self.args, self.cfg.seed, self.tokenizer, self.tok_ids.recall
+        self.draw = draw_within_limit(
+            think_segments(self.pool), math.ceil(len(self.written) * a.sft_ratio), max_tokens=a.sft_max_tokens,
+            rng=random.Random(seed), what="step1 <think> sampling from the SFT pool",
+            n_tokens=lambda s: len(text_token_ids(tokenizer, s["think"])),
         )
-        write_manifest(sdir, manifest)
-    return StageResult(stage="step1", dir=sdir, manifest=manifest, metrics=metrics, headline=metrics["headline"])
+        train_convs, val_convs = set(self.splits["train"]), set(self.splits["val"])
+        key_mems = select_written_memories(self.memories, self.pairs, train_convs, None, seed)
+        key_of = {m["id"]: k for k, m in enumerate(key_mems)}
+        self.key_ids = bank_token_ids(tokenizer, [m["text"] for m in key_mems] + [s["think"] for s in self.draw.items])
+        rows = [{"input_ids": user_query_ids(tokenizer, p["query"], recall, a.max_query_tokens),
+                 "kind": p["query_kind"], "targets": [key_of[m] for m in p["memory_ids"] if m in key_of]}
+                for p in self.pairs if p["conv_id"] in train_convs]
+        rows = [r for r in rows if r["targets"]]
+        if a.max_train_queries is not None and len(rows) > a.max_train_queries:
+            rows = random.Random(seed).sample(rows, a.max_train_queries)  # fits the time budget
+        self.train_rows = rows + [
+            {"input_ids": think_query_ids(tokenizer, s["context"], recall, a.max_query_tokens), "kind": "think",
+             "targets": [len(key_mems) + j]}
+            for j, s in enumerate(self.draw.items)
+        ]
+        self.bank = MemoryBank.build(self.model, tokenizer, self.memories, batch_size=a.bank_batch_size,
+                                     progress=self.cfg.progress)
+        row_of = {mid: i for i, mid in enumerate(self.bank.ids)}
+        self.val_pairs = [p for p in self.pairs if p["conv_id"] in val_convs and p["query_kind"] == "question"
+                          and any(m in row_of for m in p["memory_ids"])]
+        self.val_rows = [{"input_ids": user_query_ids(tokenizer, p["query"], recall, a.max_query_tokens),
+                          "kind": "question", "targets": [row_of[m] for m in p["memory_ids"] if m in row_of]}
+                         for p in self.val_pairs]
+
+    def setup_training(self) -> None:
+        """LoRA plus only the <recall>/<|memory_pad|> embedding rows (PEFT trainable tokens: the adapter stores just
+        those rows, so neither a full embedding matrix nor its optimizer state exists), in the query module."""
+        a, cfg = self.args, self.cfg
+        model = prepare_for_kbit_training(self.model, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+        self.model = attach_lora(model, cfg.lora, token_ids=[self.tok_ids.recall, self.tok_ids.memory_pad])
+        self.module = RecallQueryModule(
+            self.model, self.key_ids, pad_id=self.tokenizer.pad_token_id, temperature=a.temperature,
+            negatives=a.negatives, refresh_keys=a.refresh_keys, lr=a.lr, weight_decay=a.weight_decay,
+            warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size)
+
+    def train(self) -> None:
+        """Lightning fit from the stage's own checkpoint when one exists; untrained val recall first."""
+        a, cfg, pad_id = self.args, self.cfg, self.tokenizer.pad_token_id
+        if self.val_rows:
+            self.metrics.update({f"untrained/{k}": v for k, v in recall_metrics(
+                self.module, self.val_rows, self.bank, pad_id, a.batch_size, list(a.eval_ks)).items()})
+        self.logger = make_logger(cfg, self.dir)
+        loader = ResumableLoader(RecallQueryDataset(self.train_rows), batch_size=a.batch_size, shuffle=True,
+                                 seed=cfg.seed, collate_fn=lambda rows: collate_queries(rows, pad_id))
+        self.trainer = make_trainer(cfg, self.dir, max_epochs=a.max_epochs, logger=self.logger,
+                                    ckpt_every_n_steps=a.ckpt_every_n_steps, gradient_clip_val=a.gradient_clip_val)
+        # from_pretrained returns eval mode and Lightning keeps it: gradient checkpointing would be off
+        self.module.train()
+        self.trainer.fit(self.module, train_dataloaders=loader, ckpt_path=resume_path(cfg, self.dir))
+        self.stats["throughput"] = throughput_stats(self.trainer, self.model)
+        if a.refresh_keys:  # the keys moved with the model: the exported bank is re-encoded by the trained model
+            self.bank = MemoryBank.build(self.model, self.tokenizer, self.memories, batch_size=a.bank_batch_size,
+                                         progress=cfg.progress)
+
+    def evaluate(self) -> None:
+        """Val recall@k / MRR of the trained queries, and BM25 / dense retrieval over the same bank as baselines."""
+        a, ks = self.args, list(self.args.eval_ks)
+        if self.val_rows:
+            self.metrics.update({f"val/{k}": v for k, v in recall_metrics(
+                self.module, self.val_rows, self.bank, self.tokenizer.pad_token_id, a.batch_size, ks).items()})
+            texts = [m["text"] for m in self.bank.entries]
+            questions = [p["query"] for p in self.val_pairs]
+            positives = [set(r["targets"]) for r in self.val_rows]
+            for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
+                idx, _ = retriever.search(questions, max(ks))
+                self.metrics.update({f"baseline/{name}/{k}": v
+                                     for k, v in ranking_metrics(idx.tolist(), positives, ks).items()})
+        self.metrics["headline"] = self.metrics.get("val/recall@1", float("nan"))
+
+    def export(self) -> None:
+        """Rank 0: the bank, adapter and tokenizer (each written atomically), the written memories and the draw."""
+        for name, save in (("bank", self.bank.save), ("adapter", lambda d: save_adapter(self.model, d)),
+                           ("tokenizer", lambda d: self.tokenizer.save_pretrained(str(d)))):
+            with atomic_dir(self.dir / name) as tmp:
+                save(tmp)
+        write_jsonl(self.dir / "written_memories.jsonl",
+                    ({k: m[k] for k in ("id", "text", "conv_id", "split")} for m in self.written))
+        write_json(self.dir / "sft_draw.json", {"pool_indices": [[s["pool_index"], s["turn"]] for s in self.draw.items],
+                                                "skipped_too_long": self.draw.skipped_too_long})
+        self.outputs = {"bank": "bank", "adapter": "adapter", "tokenizer": "tokenizer",
+                        "written_memories": "written_memories.jsonl", "sft_draw": "sft_draw.json"}
+        self.stats.update({
+            "train_queries": len(self.train_rows), "train_keys": len(self.key_ids),
+            "written_memories": len(self.written), "written_per_split": dict(Counter(m["split"] for m in self.written)),
+            "think_samples": len(self.draw.items), "val_questions": len(self.val_rows), "bank_size": len(self.bank),
+            "memory_tokens_added": self.tok_ids.added,
+            "bank_vectors": "re-encoded by the trained model" if self.args.refresh_keys else "frozen base model"})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightmem_exp.data.chat_sft import IGNORE_INDEX
 from lightmem_exp.data.mixed_memory import (
-    IGNORE,
     MixedMemoryCollator,
     MixedMemorySFTDataset,
     build_memory_front,
@@ -46,7 +46,7 @@ def _enc(tok, text):
 
 
 def _labelled_text(tok, sample):
-    return tok.decode([t for t in sample.labels if t != IGNORE])
+    return tok.decode([t for t in sample.labels if t != IGNORE_INDEX])
 
 
 def test_piecewise_tokenisation_equals_the_chat_template(tok):
@@ -64,7 +64,7 @@ def test_sft_only_labels_assistant_content_only(tok):
         "<think>\nThe dog was in the park.\n</think>\n\nIn the park.<|im_end|>You are welcome.<|im_end|>")
     # system and user tokens are never labelled
     first_reply = s.input_ids.index(tok.convert_tokens_to_ids("<think>"))
-    assert all(lab == IGNORE for lab in s.labels[:first_reply])
+    assert all(lab == IGNORE_INDEX for lab in s.labels[:first_reply])
 
 
 def test_memory_front_layout(tok, ids):
@@ -74,7 +74,7 @@ def test_memory_front_layout(tok, ids):
     cut = conv.reply_start + 1
     s = build_memory_front(conv, cut, 1, mem, marker, recall_id=recall, pad_id=pad)
     assert s.input_ids == conv.ids[:cut] + [recall, pad] + mem + marker
-    assert s.labels == [IGNORE] * cut + [recall, IGNORE] + mem + marker
+    assert s.labels == [IGNORE_INDEX] * cut + [recall, IGNORE_INDEX] + mem + marker
     assert s.memory == 1 and s.kind == "memory_front"
     short = build_memory_front(conv, cut, 1, mem, marker, recall_id=recall, pad_id=pad, context_max_tokens=2)
     assert short.input_ids == conv.ids[cut - 2 : cut] + [recall, pad] + mem + marker
@@ -90,18 +90,18 @@ def test_memory_full_layout_splits_after_think(tok, ids):
     cut = conv.think_cut
     assert conv.ids[cut - 1] == tok.convert_tokens_to_ids("</think>")
     assert s.input_ids == conv.ids[:cut] + [recall, pad] + mem + marker + conv.ids[cut:]
-    assert s.labels[:cut] == [IGNORE] * cut                          # the prefix (think included) is context
-    assert s.labels[cut : cut + 2] == [recall, IGNORE]
+    assert s.labels[:cut] == [IGNORE_INDEX] * cut                          # the prefix (think included) is context
+    assert s.labels[cut : cut + 2] == [recall, IGNORE_INDEX]
     block = len(mem) + len(marker)
     assert s.labels[cut + 2 : cut + 2 + block] == mem + marker
-    suffix = [t for t in s.labels[cut + 2 + block :] if t != IGNORE]
+    suffix = [t for t in s.labels[cut + 2 + block :] if t != IGNORE_INDEX]
     assert tok.decode(suffix) == "\n\nIn the park.<|im_end|>You are welcome.<|im_end|>"   # user turn unlabelled
     assert s.extra["think"] is True
     # without <think> the recall opens the first reply
     plain = tokenize_conversation(tok, PLAIN_ROW)
     p = build_memory_full(plain, 0, mem, marker, recall_id=recall, pad_id=pad)
     assert p.input_ids[: plain.reply_start + 2] == plain.ids[: plain.reply_start] + [recall, pad]
-    assert tok.decode([t for t in p.labels[plain.reply_start + 2 + block :] if t != IGNORE]) == "Blue.<|im_end|>"
+    assert tok.decode([t for t in p.labels[plain.reply_start + 2 + block :] if t != IGNORE_INDEX]) == "Blue.<|im_end|>"
 
 
 def _pool(n_plain=40, n_think=6):
@@ -176,15 +176,15 @@ def test_short_pool_and_excluded_rows_error(tok, ids):
 def test_collator_right_pads_and_lists_memory_rows(tok, ids):
     recall, pad = ids
     rows = [
-        {"input_ids": [5, recall, pad, 9, 10], "labels": [IGNORE, recall, IGNORE, 9, 10], "memory": 3,
+        {"input_ids": [5, recall, pad, 9, 10], "labels": [IGNORE_INDEX, recall, IGNORE_INDEX, 9, 10], "memory": 3,
          "kind": "memory_front"},
-        {"input_ids": [5, 6], "labels": [IGNORE, 6], "memory": None, "kind": "sft_only"},
-        {"input_ids": [recall, pad, 11], "labels": [recall, IGNORE, 11], "memory": 1, "kind": "memory_full"},
+        {"input_ids": [5, 6], "labels": [IGNORE_INDEX, 6], "memory": None, "kind": "sft_only"},
+        {"input_ids": [recall, pad, 11], "labels": [recall, IGNORE_INDEX, 11], "memory": 1, "kind": "memory_full"},
     ]
     b = MixedMemoryCollator(tok.pad_token_id, pad)(rows)
     assert b["input_ids"].shape == (3, 5)
     assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
-    assert b["labels"][1].tolist() == [IGNORE, 6, IGNORE, IGNORE, IGNORE]
+    assert b["labels"][1].tolist() == [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert b["input_ids"][1, 2:].tolist() == [tok.pad_token_id] * 3
     assert torch.equal(b["memory_rows"], torch.tensor([3, 1])) and b["kinds"][1] == "sft_only"
     bad = [{"input_ids": [5, 6], "labels": [5, 6], "memory": 0, "kind": "memory_front"}]

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from lightmem_exp.data.mixed_memory import IGNORE, MixedMemoryCollator, MixedMemorySFTDataset
+from lightmem_exp.data.chat_sft import IGNORE_INDEX
+from lightmem_exp.data.mixed_memory import MixedMemoryCollator, MixedMemorySFTDataset
 from lightmem_exp.data.packing import (
     PackedMixedMemoryCollator,
     check_packed_attention,
@@ -17,7 +18,8 @@ from lightmem_exp.data.packing import (
     unpack_token_losses,
 )
 from lightmem_exp.errors import LmxError
-from lightmem_exp.lit.step2 import MixedMemoryModule, lm_losses, reduce_loss
+from lightmem_exp.lit.losses import lm_losses, reduce_loss
+from lightmem_exp.lit.step2 import MixedMemoryModule
 from lightmem_exp.lit.step2_packed import PackedMixedMemoryModule
 from lightmem_exp.models.loading import attach_lora, ensure_memory_tokens, load_model, load_tokenizer
 
@@ -37,7 +39,7 @@ def test_pack_rows_first_fit_decreasing():
 
 
 def _items():
-    mk = lambda kind, ids, mem=None: {"input_ids": ids, "labels": [t if t % 2 else IGNORE for t in ids],  # noqa: E731
+    mk = lambda kind, ids, mem=None: {"input_ids": ids, "labels": [t if t % 2 else IGNORE_INDEX for t in ids],  # noqa: E731
                                       "memory": mem, "kind": kind}
     return [mk("sft_only", [11, 13, 15, 17, 19, 21]), mk("memory_front", [31, 99, 33, 35], mem=4),
             mk("memory_full", [41, 43, 99], mem=2), mk("sft_only", [51, 53])]
@@ -58,7 +60,7 @@ def test_collator_layout_positions_labels_memory_order():
         assert len(found) == 1
         r, s = found[0]
         assert b["position_ids"][r, s:s + n].tolist() == list(range(n))
-        assert b["labels"][r, s].item() == IGNORE
+        assert b["labels"][r, s].item() == IGNORE_INDEX
         assert b["labels"][r, s + 1:s + n].tolist() == it["labels"][1:]
     # memory rows follow the <|memory_pad|> positions in row-major order
     assert b["memory_rows"].tolist() == [4, 2]      # row 1 holds memory 4's pad, row 2 memory 2's
@@ -71,7 +73,7 @@ def test_padding_tail_is_its_own_block_and_flatten_has_one_row():
     assert b["input_ids"].shape == (1, 16)
     assert b["position_ids"][0, 15:].tolist() == [0]      # 15 tokens of samples, then a 1-token padding block
     flat = PackedMixedMemoryCollator(0, 99, flatten=True)(items)
-    assert flat["input_ids"].shape == (1, 15) and (flat["labels"] != IGNORE).sum() > 0
+    assert flat["input_ids"].shape == (1, 15) and (flat["labels"] != IGNORE_INDEX).sum() > 0
 
 
 def test_unpack_token_losses_returns_the_padded_layout():
@@ -80,9 +82,9 @@ def test_unpack_token_losses_returns_the_padded_layout():
     padded = MixedMemoryCollator(0, 99)(items)
     # a fake per-token "loss" that encodes the target token id: unpacked it must equal the padded batch's targets
     p_nll = packed["labels"][:, 1:].clamp_min(0).float()
-    p_mask = (packed["labels"][:, 1:] != IGNORE).float()
+    p_mask = (packed["labels"][:, 1:] != IGNORE_INDEX).float()
     nll, mask = unpack_token_losses(p_nll, p_mask, packed)
-    want_mask = (padded["labels"][:, 1:] != IGNORE).float()
+    want_mask = (padded["labels"][:, 1:] != IGNORE_INDEX).float()
     assert torch.equal(mask, want_mask)
     assert torch.equal(nll * mask, padded["labels"][:, 1:].clamp_min(0).float() * want_mask)
 

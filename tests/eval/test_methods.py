@@ -31,9 +31,9 @@ from tests.conftest import compose_config
 from tests.eval.fakes import conversation, make_sft, make_step1_step2, small_model_overrides
 
 NEW = 6
-OVERRIDES = ["stage=eval", "logger=none", f"stage.max_new_tokens={NEW}", "stage.rag.k=2", "stage.ks=[1,2]",
-             "stage.session_rank.prefilter=2", "stage.session_rank.top_sessions=1", "stage.session_rank.chunk_turns=2",
-             "stage.recall.memory_tokens=4"]
+OVERRIDES = ["stage=eval", "logger=none", f"eval.max_new_tokens={NEW}", "eval.rag.k=2", "eval.ks=[1,2]",
+             "eval.session_rank.prefilter=2", "eval.session_rank.top_sessions=1", "eval.session_rank.chunk_turns=2",
+             "eval.recall.memory_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,12 @@ def env(tmp_path_factory, small_model_cfg, data_root):
     return cfg, conv, upstream
 
 
-def _ctx(env, **stage) -> EvalContext:
-    """A fresh context; keyword arguments set `stage.<key>` (dots as double underscores: recall__bank)."""
+def _ctx(env, **knobs) -> EvalContext:
+    """A fresh context; keyword arguments set `eval.<key>` (dots as double underscores: recall__bank)."""
     cfg, _, upstream = env
     cfg = cfg.copy()
-    for k, v in stage.items():
-        OmegaConf.update(cfg, "stage." + k.replace("__", "."), v)
+    for k, v in knobs.items():
+        OmegaConf.update(cfg, "eval." + k.replace("__", "."), v)
     return EvalContext(cfg, dict(upstream))
 
 
@@ -224,27 +224,3 @@ def test_harness_records_cost_per_question(env):
         assert r["scoring_tokens"] == 0 and r["memory_tokens"] is None
         assert r["processed_tokens"] == r["prompt_tokens"] + r["generated_tokens"]
     assert stats["answer_seconds"] > 0 and stats["peak_memory_kind"]
-
-
-def test_embedding_cache_embeds_each_text_once(monkeypatch):
-    import numpy as np
-
-    from lightmem_exp import retrieval
-    from lightmem_exp.eval.methods import EmbeddingCache
-
-    calls: list[list[str]] = []
-
-    def fake(texts, batch_size=64):
-        calls.append(list(texts))
-        return np.asarray([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
-
-    monkeypatch.setattr(retrieval, "embed_texts", fake)
-    cache = EmbeddingCache(max_texts=3)
-    first = cache(["aa", "b", "aa"])
-    assert first.tolist() == [[2, 1], [1, 1], [2, 1]] and calls == [["aa", "b"]]
-    again = cache(["b", "cccc", "ddd"])  # "b" is cached; only one of the two new texts fits the cap
-    assert again.tolist() == [[1, 1], [4, 1], [3, 1]] and calls[-1] == ["cccc", "ddd"]
-    assert (cache.hits, cache.misses) == (2, 4)
-    cache(["ddd"])
-    assert calls[-1] == ["ddd"]  # not kept (cache full), so embedded again
-    assert cache([]).shape == (0, 384)

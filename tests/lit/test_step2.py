@@ -11,15 +11,9 @@ import torch
 
 from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset
 from lightmem_exp.errors import LmxError
+from lightmem_exp.lit.losses import lm_losses, reduce_loss
 from lightmem_exp.lit.recall_test import RecallTestCallback, recall_eval, recall_prompt_ids, verbatim_match
-from lightmem_exp.lit.step2 import (
-    MixedMemoryModule,
-    lm_losses,
-    memory_vocab_ids,
-    reduce_loss,
-    sft_perplexity,
-    start_from_step1,
-)
+from lightmem_exp.lit.step2 import MixedMemoryModule, memory_vocab_ids, sft_perplexity, start_from_step1
 from lightmem_exp.models.loading import (
     attach_lora,
     ensure_memory_tokens,

@@ -112,17 +112,3 @@ def test_hybrid_search_fuses_bm25_and_dense_rankings():
     assert dense.search("pottery Tuesday", 1)[0].id == "sem-1"
     with pytest.raises(ValueError, match="search_mode"):
         MemoryStore(search_mode="fuzzy")
-
-
-def test_text_embedder_encodes_each_text_once():
-    calls = []
-
-    def encode(texts):
-        calls.append(list(texts))
-        return np.eye(4, dtype=np.float32)[: len(texts)]
-
-    emb = TextEmbedder(encode)
-    emb(["a", "b", "a"])
-    emb(["b", "c"])
-    assert calls == [["a", "b"], ["c"]]
-    assert emb(["c", "a"]).shape == (2, 4)

@@ -18,6 +18,7 @@ from lightmem_exp.errors import LmxError
 from lightmem_exp.models.generation import generate_with_recall
 from lightmem_exp.models.memory_bank import MemoryBank, measure_embed_scale
 from tests.conftest import random_qwen2
+from tests.transformers_logs import transformers_warnings
 
 RECALL, MEM_PAD, PAD = 298, 299, 0
 N_MEM = 8
@@ -139,6 +140,14 @@ def test_batched_recall_at_different_steps(model, bank, batch):
     # Row 2 never recalls: the other rows' injections leave its tokens untouched.
     alone = run(model, ids, mask, bank)
     assert torch.equal(out.sequences[2], alone.sequences[2])
+
+
+def test_the_kv_cache_is_passed_under_the_name_transformers_wants(model, bank, batch):
+    # `past_key_values` is deprecated (gone in transformers 5.40) for the forward argument and the output field.
+    ids, mask = batch
+    with transformers_warnings() as seen:
+        run(model, ids, mask, bank, logits_processor=LogitsProcessorList([ForceAt(ids.shape[1], {0: [1]})]))
+    assert not [m for m in seen if "past_key_values" in m]
 
 
 def test_prompt_ending_in_recall(model, bank, batch):

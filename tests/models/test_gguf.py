@@ -185,11 +185,11 @@ def test_smollm2_trains_one_step_of_step1_and_step2(tmp_path, small_locomo):
     common = ["model=smollm2", "logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=4"]
     r = run_cli("stage=data", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("stage=step1", *common, "stage.max_train_queries=4", "stage.sft_ratio=0.5", "stage.batch_size=4",
+    r = run_cli("stage=step1", *common, "step1.max_train_queries=4", "step1.sft_ratio=0.5", "step1.batch_size=4",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("stage=step2", *common, "stage.max_epochs=1", "stage.batch_size=6", "stage.guard_size=2",
-                "stage.recall_test.sample_size=2", "stage.demo_size=1", "stage.demo_max_new_tokens=8", cwd=tmp_path)
+    r = run_cli("stage=step2", *common, "step2.max_epochs=1", "step2.batch_size=6", "step2.guard_size=2",
+                "step2.recall_test.sample_size=2", "step2.demo_size=1", "step2.demo_max_new_tokens=8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "outputs" / "default"
     step1 = json.loads((out / "step1" / "manifest.json").read_text())

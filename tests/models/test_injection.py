@@ -10,6 +10,7 @@ from lightmem_exp.errors import LmxError
 from lightmem_exp.models.injection import decode_from_memories, memory_forward, memory_inputs_embeds
 from lightmem_exp.models.memory_bank import MemoryBank, measure_embed_scale
 from tests.conftest import random_qwen2
+from tests.transformers_logs import transformers_warnings
 
 RECALL, MEM_PAD = 298, 299
 
@@ -93,3 +94,10 @@ def test_decode_matches_full_recompute_and_stops_at_the_marker(model, bank):
     assert eos[0] == outs[0][:1]
     with pytest.raises(LmxError, match="must end with"):
         decode_from_memories(model, [5, RECALL], vectors, memory_pad_id=MEM_PAD, max_new_tokens=2)
+
+
+def test_decode_passes_the_kv_cache_under_the_name_transformers_wants(model, bank):
+    with transformers_warnings() as seen:
+        decode_from_memories(model, [5, RECALL, MEM_PAD], bank.injection_vectors([0]), memory_pad_id=MEM_PAD,
+                             max_new_tokens=3)
+    assert not [m for m in seen if "past_key_values" in m]

@@ -199,54 +199,6 @@ def test_tokenizer_model_mismatch(plain_dir: Path, tiny_cfg) -> None:
         L.check_tokenizer_matches(small, L.load_tokenizer(tiny_cfg, DATA_ROOT))
 
 
-# ----------------------------------------------------------------------------------------------- trainable rows
-
-
-def _train_step(model, masks, vocab: int, rows: list[int]) -> None:
-    opt = torch.optim.AdamW([m.param_group(lr=0.1) for m in masks], weight_decay=0.1)
-    ids = torch.cat([torch.tensor([rows, rows]), torch.randint(0, vocab, (2, 16))], dim=1)  # the rows are inputs too
-    model(ids, labels=ids).loss.backward()
-    opt.step()
-
-
-@pytest.mark.parametrize("which", ["tied", "untied"])
-def test_only_the_chosen_rows_change(tiny_cfg, plain_dir: Path, which: str) -> None:
-    cfg = tiny_cfg if which == "tied" else plain_cfg(plain_dir)
-    model, tok = L.load_model(cfg, DATA_ROOT), L.load_tokenizer(cfg, DATA_ROOT)
-    ids = L.ensure_memory_tokens(model, tok)
-    model.requires_grad_(False)
-    masks = L.train_token_rows(model, [ids.recall, ids.memory_pad])
-    assert len(masks) == (1 if which == "tied" else 2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = [ids.recall, ids.memory_pad]
-    _train_step(model, masks, len(tok) - 4, rows)
-
-    for name, value in model.state_dict().items():
-        if value.dim() == 2 and value.shape[0] == model.get_input_embeddings().num_embeddings:
-            changed = (value != before[name]).any(dim=1).nonzero().flatten().tolist()
-            assert changed == rows, name
-        else:
-            assert torch.equal(value, before[name]), name
-
-
-def test_token_rows_round_trip(plain_dir: Path, tmp_path: Path) -> None:
-    cfg = plain_cfg(plain_dir)
-    model, tok = L.load_model(cfg, DATA_ROOT), L.load_tokenizer(cfg, DATA_ROOT)
-    ids = L.ensure_memory_tokens(model, tok)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[ids.recall] = 3.0
-        model.get_output_embeddings().weight[ids.recall] = -3.0
-    path = L.save_token_rows(model, ids, tmp_path / "rows.safetensors")
-
-    fresh = L.load_model(cfg, DATA_ROOT)
-    L.ensure_memory_tokens(fresh, L.load_tokenizer(cfg, DATA_ROOT))
-    assert L.load_token_rows(fresh, path) == [ids.recall, ids.memory_pad, ids.think, ids.think_end]
-    assert torch.equal(fresh.get_input_embeddings().weight, model.get_input_embeddings().weight)
-    assert torch.equal(fresh.get_output_embeddings().weight, model.get_output_embeddings().weight)
-    with pytest.raises(LmxError, match="another model"):
-        L.load_token_rows(L.load_model(cfg, DATA_ROOT), path)  # 508 rows: ids 508.. do not fit
-
-
 # ---------------------------------------------------------------------------------------------------------- LoRA
 
 

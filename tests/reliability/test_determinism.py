@@ -29,11 +29,11 @@ def test_a_stage_does_not_depend_on_what_ran_before_it_in_the_process(tmp_path, 
     consumed (LoRA init draws from it): every stage starts from the seeded state."""
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", *small_model_args(small_model_cfg)]
     data = run_inproc(tmp_path, "stage=data", *common, "exp=data")
-    sft = ["stage=sft", *common, f"stage.inputs.data={data.dir}", "stage.max_epochs=1",
-           "stage.max_train_samples.fact_qa=8", "stage.max_train_samples.update_decisions=4",
-           "stage.max_val_samples.fact_qa=2", "stage.max_val_samples.update_decisions=2", "stage.eval.max_fact_qa=1",
-           "stage.eval.max_fact_qa_train=1", "stage.eval.max_update=1", "stage.eval.max_general=1",
-           "stage.eval.max_new_tokens=4"]
+    sft = ["stage=sft", *common, f"sft.inputs.data={data.dir}", "sft.max_epochs=1",
+           "sft.max_train_samples.fact_qa=8", "sft.max_train_samples.update_decisions=4",
+           "sft.max_val_samples.fact_qa=2", "sft.max_val_samples.update_decisions=2", "sft.eval.max_fact_qa=1",
+           "sft.eval.max_fact_qa_train=1", "sft.eval.max_update=1", "sft.eval.max_general=1",
+           "sft.eval.max_new_tokens=4"]
     dirs = []
     for exp, earlier_draws in (("a", 0), ("b", 1000)):
         torch.rand(earlier_draws)  # what stages before this one in the same process would have drawn

@@ -36,7 +36,6 @@ from tests.reliability.stage_runs import (
 
 pytestmark = pytest.mark.slow
 
-S = "stage.stages."
 TRAINING = ("step1", "step2", "sft", "adrpo")
 # Per stage: its own checkpoint, and which version of it triggers the kill.
 KILL_AT = {"step1": ("checkpoints/last.ckpt", lambda c: True),         # the first: end of epoch 0
@@ -48,25 +47,25 @@ KILL_AT = {"step1": ("checkpoints/last.ckpt", lambda c: True),         # the fir
 
 def pipeline_args(small_locomo: Path, small_model_cfg) -> list[str]:
     return [
-        "stage=pipeline", "stage.order=[data,step1,step2,sft,adrpo]", "progress=false", f"data.path={small_locomo}",
+        "stage=pipeline", "pipeline=[data,step1,step2,sft,adrpo]", "progress=false", f"data.path={small_locomo}",
         "data.max_memories=4", *small_model_args(small_model_cfg),
         # step1: checkpoints at epoch ends only (6 batches each); killed in epoch 1
-        f"{S}step1.max_epochs=2", f"{S}step1.batch_size=16", f"{S}step1.ckpt_every_n_steps=null",
+        "step1.max_epochs=2", "step1.batch_size=16", "step1.ckpt_every_n_steps=null",
         # step2: 3 batches per epoch, a checkpoint every 4 steps: resumed after the first batch of epoch 1
-        f"{S}step2.max_epochs=3", f"{S}step2.batch_size=2", f"{S}step2.ckpt_every_n_steps=4",
-        f"{S}step2.guard_size=2", f"{S}step2.recall_test.sample_size=2", f"{S}step2.demo_size=1",
-        f"{S}step2.demo_max_new_tokens=4", f"{S}step2.sft_max_tokens=128",
+        "step2.max_epochs=3", "step2.batch_size=2", "step2.ckpt_every_n_steps=4",
+        "step2.guard_size=2", "step2.recall_test.sample_size=2", "step2.demo_size=1",
+        "step2.demo_max_new_tokens=4", "step2.sft_max_tokens=128",
         # sft: 3 batches per epoch, a checkpoint every 2 steps: resumed mid-epoch 0
-        f"{S}sft.max_epochs=2", f"{S}sft.ckpt_every_n_steps=2", f"{S}sft.max_train_samples.fact_qa=16",
-        f"{S}sft.max_train_samples.update_decisions=8", f"{S}sft.max_val_samples.fact_qa=4",
-        f"{S}sft.max_val_samples.update_decisions=4", f"{S}sft.eval.max_fact_qa=2", f"{S}sft.eval.max_fact_qa_train=2",
-        f"{S}sft.eval.max_update=2", f"{S}sft.eval.max_general=2", f"{S}sft.eval.max_new_tokens=8",
+        "sft.max_epochs=2", "sft.ckpt_every_n_steps=2", "sft.max_train_samples.fact_qa=16",
+        "sft.max_train_samples.update_decisions=8", "sft.max_val_samples.fact_qa=4",
+        "sft.max_val_samples.update_decisions=4", "sft.eval.max_fact_qa=2", "sft.eval.max_fact_qa_train=2",
+        "sft.eval.max_update=2", "sft.eval.max_general=2", "sft.eval.max_new_tokens=8",
         # adrpo: one warm-start epoch, 3 RL steps checkpointed after each; the KL term moves the weights every step
-        f"{S}adrpo.memory.search=bm25", f"{S}adrpo.expert.max_train_conversations=2", f"{S}adrpo.expert.train_sessions=2",
-        f"{S}adrpo.sft.max_samples=16", f"{S}adrpo.sft.max_epochs=1", f"{S}adrpo.rl.max_steps=3",
-        f"{S}adrpo.rl.group_size=2", f"{S}adrpo.rl.max_new_tokens=16", f"{S}adrpo.rl.ckpt_every_n_steps=1",
-        f"{S}adrpo.rl.skip_zero_advantage=false", f"{S}adrpo.heldout.max_conversations=1",
-        f"{S}adrpo.heldout.sessions=1",
+        "adrpo.memory.search=bm25", "adrpo.expert.max_train_conversations=2", "adrpo.expert.train_sessions=2",
+        "adrpo.sft.max_samples=16", "adrpo.sft.max_epochs=1", "adrpo.rl.max_steps=3",
+        "adrpo.rl.group_size=2", "adrpo.rl.max_new_tokens=16", "adrpo.rl.ckpt_every_n_steps=1",
+        "adrpo.rl.skip_zero_advantage=false", "adrpo.heldout.max_conversations=1",
+        "adrpo.heldout.sessions=1",
     ]
 
 
@@ -113,7 +112,7 @@ def scenario(tmp_path_factory, small_locomo, small_model_cfg) -> Scenario:
             if stage == "adrpo":  # a resume under another config must be refused before anything is touched
                 before = _snapshot(sc.kill / "adrpo")
                 with pytest.raises(LmxError) as err:
-                    run_inproc(base, *args, "exp=kill", "logger=wandb", f"{S}adrpo.sft.max_samples=8")
+                    run_inproc(base, *args, "exp=kill", "logger=wandb", "adrpo.sft.max_samples=8")
                 sc.refusal, sc.refusal_touched = str(err.value), _snapshot(sc.kill / "adrpo") != before
         rc, out = cli(command, cwd=base, env=env, log=base / "run_last.log")
         sc.outputs.append(out)
@@ -176,7 +175,7 @@ def test_no_file_is_ever_written_under_its_final_name(scenario):
 
 def test_resume_under_a_changed_config_is_refused_naming_the_keys(scenario):
     msg = scenario.refusal
-    assert "stage.sft.max_samples" in msg and "overwrite=true" in msg and "resume=never" in msg
+    assert "adrpo.sft.max_samples" in msg and "overwrite=true" in msg and "resume=never" in msg
     assert str(scenario.kill / "adrpo") in msg
     assert not scenario.refusal_touched
 
@@ -187,11 +186,10 @@ def test_init_from_step2_never_resumes_the_upstream_checkpoint(scenario, tmp_pat
     step2 = tmp_path / "step2"
     shutil.copytree(scenario.kill / "step2", step2, ignore=shutil.ignore_patterns("wandb"))
     (step2 / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
-    single = [a for a in scenario.args if not a.startswith("stage")] + \
-             [a.replace(f"{S}adrpo.", "stage.") for a in scenario.args if a.startswith(f"{S}adrpo.")]
+    single = [a for a in scenario.args if not a.startswith(("stage", "pipeline"))]
     caplog.set_level("INFO", logger="lightmem_exp")
-    result = run_inproc(tmp_path, "stage=adrpo", *single, "exp=init", "logger=none", "stage.init_from=step2",
-                        f"stage.inputs.step2={step2}", f"stage.inputs.data={scenario.kill / 'data'}",
-                        "stage.rl.max_steps=1")
+    result = run_inproc(tmp_path, "stage=adrpo", *single, "exp=init", "logger=none", "adrpo.init_from=step2",
+                        f"adrpo.inputs.step2={step2}", f"adrpo.inputs.data={scenario.kill / 'data'}",
+                        "adrpo.rl.max_steps=1")
     assert result.manifest.stats["init_from"] == "step2"
     assert "resuming from own checkpoint" not in caplog.text

@@ -67,8 +67,8 @@ def test_stage_client_sends_the_token_named_in_config(serve, make_cfg, monkeypat
     from lightmem_exp.stages import adrpo
 
     url = serve(LocalAnswerer(), token="tok-123")
-    cfg = make_cfg("stage=adrpo", "stage.reward.mode=api", f"stage.reward.server.url={url}",
-                   "stage.reward.server.token_env=LMX_TEST_REWARD_TOKEN", "stage.memory.search=bm25")
+    cfg = make_cfg("stage=adrpo", "adrpo.reward.mode=api", f"adrpo.reward.server.url={url}",
+                   "adrpo.reward.server.token_env=LMX_TEST_REWARD_TOKEN", "adrpo.memory.search=bm25")
     monkeypatch.delenv("LMX_TEST_REWARD_TOKEN", raising=False)
     with pytest.raises(LmxError, match="HTTP 401"):
         adrpo._service(cfg, None, None, None)

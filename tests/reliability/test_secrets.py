@@ -22,11 +22,11 @@ def files_holding(root: Path, secret: str = KEY) -> list[Path]:
 
 
 @pytest.mark.parametrize(("stage", "override", "key"), [
-    ("eval", f"stage.judge.api_key_env={KEY}", "stage.judge.api_key_env"),
-    ("adrpo", f"stage.reward.api.api_key_env={KEY}", "stage.reward.api.api_key_env"),
-    ("adrpo", f"stage.reward.server.token_env={KEY}", "stage.reward.server.token_env"),
-    ("eval", f"+stage.judge.api_key={KEY}", "stage.judge.api_key"),
-    ("adrpo", f"+stage.reward.server.token={KEY}", "stage.reward.server.token"),
+    ("eval", f"eval.judge.api_key_env={KEY}", "eval.judge.api_key_env"),
+    ("adrpo", f"adrpo.reward.api.api_key_env={KEY}", "adrpo.reward.api.api_key_env"),
+    ("adrpo", f"adrpo.reward.server.token_env={KEY}", "adrpo.reward.server.token_env"),
+    ("eval", f"+logger.api_key={KEY}", "logger.api_key"),  # stage blocks are typed: an unknown key never composes
+    ("adrpo", f"+paths.token={KEY}", "paths.token"),
     ("data", f"+model.hf_token={KEY}", "model.hf_token"),
 ])
 def test_a_secret_in_the_config_is_refused_without_echoing_it(make_cfg, stage, override, key):
@@ -36,14 +36,14 @@ def test_a_secret_in_the_config_is_refused_without_echoing_it(make_cfg, stage, o
 
 
 def test_env_var_names_and_ordinary_keys_pass(make_cfg):
-    validate(make_cfg("stage=eval", "stage.judge.enabled=true", "stage.judge.api_key_env=MY_JUDGE_KEY"))
-    validate(make_cfg("stage=adrpo", "stage.reward.server.token_env=null", "+model.pad_token=PAD"))
+    validate(make_cfg("stage=eval", "eval.judge.enabled=true", "eval.judge.api_key_env=MY_JUDGE_KEY"))
+    validate(make_cfg("stage=adrpo", "adrpo.reward.server.token_env=null", "+model.pad_token=PAD"))
 
 
 def test_a_secret_on_the_command_line_is_refused_before_hydra_saves_it(tmp_path):
-    for override in (f"stage.judge.api_key_env={KEY}", f"+stage.judge.api_key='{KEY}'"):
+    for override in (f"eval.judge.api_key_env={KEY}", f"+eval.judge.api_key='{KEY}'"):
         r = run_cli("stage=eval", override, cwd=tmp_path)
-        assert r.returncode == 2 and "error: config 'stage.judge.api_key" in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and "error: config 'eval.judge.api_key" in r.stderr, r.stderr[-2000:]
         assert KEY not in r.stdout + r.stderr
     assert not files_holding(tmp_path) and not (tmp_path / "outputs").exists()
 
@@ -56,10 +56,10 @@ def test_an_eval_run_with_the_judge_writes_the_key_nowhere(make_cfg, tmp_path, s
               *small_model_overrides(small_model_cfg)]
     run(make_cfg("stage=data", "logger=none", *common))
     with FakeServer() as srv:
-        r = run_cli("stage=eval", *common, "logger=wandb", "stage.methods=[closed_book,rag_bm25]",
-                    "stage.max_questions_per_conv=2", "stage.max_new_tokens=4", "stage.update_decisions.max=0",
-                    "stage.judge.enabled=true", f"stage.judge.base_url={srv.url}",
-                    "stage.judge.api_key_env=LMX_TEST_JUDGE_KEY", cwd=tmp_path,
+        r = run_cli("stage=eval", *common, "logger=wandb", "eval.methods=[closed_book,rag_bm25]",
+                    "eval.max_questions_per_conv=2", "eval.max_new_tokens=4", "eval.update_decisions.max=0",
+                    "eval.judge.enabled=true", f"eval.judge.base_url={srv.url}",
+                    "eval.judge.api_key_env=LMX_TEST_JUDGE_KEY", cwd=tmp_path,
                     env={"LMX_TEST_JUDGE_KEY": KEY, "WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     # The key was really used (so its absence below means something), and only in the request header.

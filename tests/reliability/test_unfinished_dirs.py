@@ -84,4 +84,4 @@ def test_another_config_without_a_checkpoint_starts_afresh(finished):
 def test_downstream_refuses_an_upstream_without_manifest(finished):
     sdir = _unfinished(finished, "up")
     with pytest.raises(UpstreamError, match=re.escape(f"{sdir} has no manifest.json")):
-        run_inproc(finished.base, "stage=step1", "logger=none", "exp=down", f"stage.inputs.data={sdir}")
+        run_inproc(finished.base, "stage=step1", "logger=none", "exp=down", f"step1.inputs.data={sdir}")

@@ -124,3 +124,29 @@ def test_recall_answerer_runs_the_recall_model(small_model_cfg, data_root):
     # every answer recalled one of the memory's units: the served type is a memory type or nothing
     assert all(t in (None, "core", "semantic") for t in out.served_by)
     assert all(c or t is None for c, t in zip(out.correct, out.served_by, strict=True))
+
+
+def test_recall_answerer_feeds_its_prompts_on_the_models_device(small_model_cfg, data_root, monkeypatch):
+    # The left-padded prompts were built on the CPU whatever the model's device, so a GPU recall model failed on
+    # its first batch. A model whose weights are on the meta device stands in for one on a GPU here.
+    import torch
+
+    from lightmem_exp.models import generation
+    from lightmem_exp.models.loading import load_model, load_tokenizer
+    from lightmem_exp.rl.answerers import RecallAnswerer
+
+    model, tok = load_model(small_model_cfg, data_root), load_tokenizer(small_model_cfg, data_root)
+    s = MemoryStore(search_mode="bm25")
+    s.insert("core", "Jon is a dancer.")
+    ans = RecallAnswerer(model, tok, max_new_tokens=2)
+    ans._encode([u.content for u in s.units()])  # the bank vectors, with the real model
+    ans.model = torch.nn.Linear(1, 1, device="meta")
+    seen = []
+
+    def spy(model, input_ids, attention_mask, **kwargs):
+        seen.append({input_ids.device.type, attention_mask.device.type})
+        return generation.RecallOutput(torch.zeros_like(input_ids, device="cpu"), [[] for _ in input_ids])
+
+    monkeypatch.setattr(generation, "generate_with_recall", spy)
+    ans.score([(s, [{"question": "What is Jon?", "answer": "dancer"}])])
+    assert seen == [{"meta"}]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from lightmem_exp.models.loading import attach_lora, load_model, load_tokenizer
 from lightmem_exp.rl.loss import clipped_pg_loss
 from lightmem_exp.rl.rollouts import completion_logprobs, generate, pack
+from tests.transformers_logs import transformers_warnings
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,13 @@ def test_shared_prefix_groups_decode_like_plain_batches(small):
     torch.manual_seed(0)
     b = generate(model, tok, prompts, group_size=4, max_new_tokens=5, min_new_tokens=5)
     assert a.completion_ids == b.completion_ids and all(len(c) == 5 for c in a.completion_ids)
+
+
+def test_shared_prefix_passes_the_kv_cache_under_the_name_transformers_wants(small):
+    model, tok = small
+    with transformers_warnings() as seen:
+        generate(model, tok, [tok("Gina asked")["input_ids"]], group_size=2, max_new_tokens=2, do_sample=False)
+    assert not [m for m in seen if "past_key_values" in m]
 
 
 def test_completion_logprobs_match_a_full_forward(small):

@@ -1,5 +1,5 @@
 """Every API path of the pipeline offline, against `python -m lightmem_exp.serve` on this machine: the adrpo expert
-(`stage.expert.source=api`), the adrpo `api` answerer and the eval judge; and `serve`/`ask` on a real step2 export
+(`adrpo.expert.source=api`), the adrpo `api` answerer and the eval judge; and `serve`/`ask` on a real step2 export
 (data -> step1 -> step2 on five short LoCoMo conversations, the small tiny model)."""
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def run_dir(tmp_path_factory, small_locomo, small_model_cfg) -> Path:
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=4",
               *small_model_args(small_model_cfg)]
     run_inproc(base, "stage=data", *common)
-    run_inproc(base, "stage=step1", "stage.max_epochs=1", *common)
-    run_inproc(base, "stage=step2", "stage.max_epochs=1", "stage.recall_test.sample_size=2", "stage.guard_size=0",
-               "stage.demo_size=0", "stage.sft_max_tokens=128", *common)
+    run_inproc(base, "stage=step1", "step1.max_epochs=1", *common)
+    run_inproc(base, "stage=step2", "step2.max_epochs=1", "step2.recall_test.sample_size=2", "step2.guard_size=0",
+               "step2.demo_size=0", "step2.sft_max_tokens=128", *common)
     return base
 
 
@@ -86,25 +86,25 @@ def test_serve_and_ask_on_a_step2_export(run_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_adrpo_expert_and_eval_judge_run_offline_against_the_local_server(run_dir, tmp_path, small_locomo,
                                                                            small_model_cfg):
-    """The adrpo stage with `stage.expert.source=api` and the eval stage with its judge, both pointed at the step2
+    """The adrpo stage with `adrpo.expert.source=api` and the eval stage with its judge, both pointed at the step2
     export served on this machine, complete. An untrained model's replies are no valid operations and no verdict
     word: the stage counts them as such (never as transport failures), as it would a bad API model's."""
     step2 = run_dir / "outputs" / "default" / "step2"
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", *small_model_args(small_model_cfg)]
     # agent prompts are longer than the small model's 512 positions (RoPE: more positions are just slower)
     with serve_cli(str(step2), "--context-tokens", "4096", log=tmp_path / "serve.log") as url:
-        res = run_inproc(run_dir, "stage=adrpo", "stage.expert.source=api", f"stage.expert.api.base_url={url}",
-                         "stage.expert.api.model=lightmem-step2", "stage.expert.api.api_key_env=LMX_UNSET_KEY",
-                         "stage.expert.max_train_conversations=1", "stage.expert.train_sessions=1",
-                         "stage.expert.chunk_turns=32", "stage.heldout.max_conversations=1",
-                         "stage.heldout.sessions=2", "stage.sft.max_epochs=0", "stage.rl.max_steps=0",
-                         "stage.rl.max_new_tokens=16", "stage.memory.search=bm25", *common)
+        res = run_inproc(run_dir, "stage=adrpo", "adrpo.expert.source=api", f"adrpo.expert.api.base_url={url}",
+                         "adrpo.expert.api.model=lightmem-step2", "adrpo.expert.api.api_key_env=LMX_UNSET_KEY",
+                         "adrpo.expert.max_train_conversations=1", "adrpo.expert.train_sessions=1",
+                         "adrpo.expert.chunk_turns=32", "adrpo.heldout.max_conversations=1",
+                         "adrpo.heldout.sessions=2", "adrpo.sft.max_epochs=0", "adrpo.rl.max_steps=0",
+                         "adrpo.rl.max_new_tokens=16", "adrpo.memory.search=bm25", *common)
         health = httpx.get(url.removesuffix("/v1") + "/health").json()
-        judged = run_inproc(run_dir, "stage=eval", "stage.methods=[closed_book]", "stage.max_questions_per_conv=1",
-                            "stage.update_decisions.max=0", "stage.plots=false", "stage.bootstrap.resamples=10",
-                            "stage.judge.enabled=true", f"stage.judge.base_url={url}",
-                            "stage.judge.model=lightmem-step2", "stage.judge.api_key_env=LMX_UNSET_KEY",
-                            "stage.judge.max_retries=0", *common)
+        judged = run_inproc(run_dir, "stage=eval", "eval.methods=[closed_book]", "eval.max_questions_per_conv=1",
+                            "eval.update_decisions.max=0", "eval.plots=false", "eval.bootstrap.resamples=10",
+                            "eval.judge.enabled=true", f"eval.judge.base_url={url}",
+                            "eval.judge.model=lightmem-step2", "eval.judge.api_key_env=LMX_UNSET_KEY",
+                            "eval.judge.max_retries=0", *common)
     assert res.manifest is not None and judged.manifest is not None
     calls = [json.loads(line) for f in sorted((res.dir / "expert").glob("*/agent_calls.jsonl"))
              for line in f.read_text().splitlines()]
@@ -117,14 +117,14 @@ def test_adrpo_expert_and_eval_judge_run_offline_against_the_local_server(run_di
 
 
 def test_adrpo_api_answerer_asks_the_local_server(make_cfg, recall_mm, tmp_path):
-    """`stage.reward.answerer=api` builds its answerer and judge clients on the configured base URL: both calls reach
+    """`adrpo.reward.answerer=api` builds its answerer and judge clients on the configured base URL: both calls reach
     the server; the untrained model's verdict is unreadable, so the reward is refused, never guessed."""
     from lightmem_exp.stages import adrpo
 
     with serving(recall_mm) as (url, engine):
-        cfg = make_cfg("stage=adrpo", "stage.reward.answerer=api", f"stage.reward.api.base_url={url}",
-                       "stage.reward.api.model=lightmem-step2", "stage.reward.api.api_key_env=LMX_UNSET_KEY",
-                       "stage.memory.search=bm25")
+        cfg = make_cfg("stage=adrpo", "adrpo.reward.answerer=api", f"adrpo.reward.api.base_url={url}",
+                       "adrpo.reward.api.model=lightmem-step2", "adrpo.reward.api.api_key_env=LMX_UNSET_KEY",
+                       "adrpo.memory.search=bm25")
         service, info = adrpo._service(cfg, tmp_path, None, None)
         store = MemoryStore(search_mode="bm25")
         store.insert("semantic", "Caroline moved from Sweden four years ago.")

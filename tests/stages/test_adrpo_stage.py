@@ -16,19 +16,19 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize(("override", "key"), [
-    ("stage.init_from=scratch", "stage.init_from"), ("stage.rl.group_size=1", "stage.rl.group_size"),
-    ("stage.rl.kl_coef=-0.1", "stage.rl.kl_coef"), ("stage.rl.clip_eps=0", "stage.rl.clip_eps"),
-    ("stage.rl.max_new_tokens=768", "stage.rl.max_new_tokens"), ("stage.reward.mode=remote", "stage.reward.mode"),
-    ("stage.reward.answerer=judge", "stage.reward.answerer"),
-    ("stage.reward.length_penalty.weight=1.5", "stage.reward.length_penalty.weight"),
-    ("stage.reward.length_penalty.core_theta_max=100", "stage.reward.length_penalty.core_theta_max"),
-    ("stage.reward.length_penalty.gamma_upper=0.9", "stage.reward.length_penalty.gamma_upper"),
-    ("stage.reward.attribution.alpha=0", "stage.reward.attribution.alpha"),
-    ("stage.reward.format_penalty=0.5", "stage.reward.format_penalty"),
-    ("stage.memory.search=fuzzy", "stage.memory.search"), ("stage.expert.source=gpt", "stage.expert.source"),
-    ("stage.expert.update_f1=0.9", "stage.expert.update_f1"), ("stage.heldout.split=dev", "stage.heldout.split"),
-    ("stage.expert.source=api", "stage.expert.api.base_url"),
-    ("stage.reward.answerer=api", "stage.reward.api.base_url"),
+    ("adrpo.init_from=scratch", "adrpo.init_from"), ("adrpo.rl.group_size=1", "adrpo.rl.group_size"),
+    ("adrpo.rl.kl_coef=-0.1", "adrpo.rl.kl_coef"), ("adrpo.rl.clip_eps=0", "adrpo.rl.clip_eps"),
+    ("adrpo.rl.max_new_tokens=768", "adrpo.rl.max_new_tokens"), ("adrpo.reward.mode=remote", "adrpo.reward.mode"),
+    ("adrpo.reward.answerer=judge", "adrpo.reward.answerer"),
+    ("adrpo.reward.length_penalty.weight=1.5", "adrpo.reward.length_penalty.weight"),
+    ("adrpo.reward.length_penalty.core_theta_max=100", "adrpo.reward.length_penalty.core_theta_max"),
+    ("adrpo.reward.length_penalty.gamma_upper=0.9", "adrpo.reward.length_penalty.gamma_upper"),
+    ("adrpo.reward.attribution.alpha=0", "adrpo.reward.attribution.alpha"),
+    ("adrpo.reward.format_penalty=0.5", "adrpo.reward.format_penalty"),
+    ("adrpo.memory.search=fuzzy", "adrpo.memory.search"), ("adrpo.expert.source=gpt", "adrpo.expert.source"),
+    ("adrpo.expert.update_f1=0.9", "adrpo.expert.update_f1"), ("adrpo.heldout.split=dev", "adrpo.heldout.split"),
+    ("adrpo.expert.source=api", "adrpo.expert.api.base_url"),
+    ("adrpo.reward.answerer=api", "adrpo.reward.api.base_url"),
     ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
 ])
 def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
@@ -39,21 +39,21 @@ def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
 def test_defaults_validate_and_upstreams_are_checked_first(make_cfg):
     cfg = make_cfg("stage=adrpo")
     assert validate(cfg) == ["adrpo"]
-    rl, rw = cfg.stage.rl, cfg.stage.reward
+    rl, rw = cfg.adrpo.rl, cfg.adrpo.reward
     assert (rl.group_size, rl.kl_coef, rw.length_penalty.weight, rw.attribution.alpha) == (8, 0.02, 0.8, 4.0)
     assert (rw.length_penalty.core_theta_min, rw.length_penalty.core_theta_max) == (150, 400)
     assert (rw.length_penalty.gamma_lower, rw.length_penalty.gamma_upper) == (0.5, 1.3)
-    assert "adrpo" in make_cfg().stage.order
+    assert "adrpo" in make_cfg().pipeline
     with pytest.raises(UpstreamError, match="step2"):
-        validate(make_cfg("stage=adrpo", "stage.init_from=step2"))
+        validate(make_cfg("stage=adrpo", "adrpo.init_from=step2"))
     with pytest.raises(UpstreamError, match="step2"):
-        validate(make_cfg("stage=adrpo", "stage.reward.answerer=recall"))
+        validate(make_cfg("stage=adrpo", "adrpo.reward.answerer=recall"))
 
 
-SMALL = ["stage.expert.max_train_conversations=2", "stage.expert.train_sessions=2", "stage.sft.max_samples=16",
-         "stage.sft.max_epochs=1", "stage.rl.max_steps=2", "stage.rl.group_size=2", "stage.rl.max_new_tokens=48",
-         "stage.heldout.max_conversations=1", "stage.heldout.sessions=1",
-         "stage.train_reply_vocab=true"]  # the tiny model needs the reply-token rows (the smollm2 default is false)
+SMALL = ["adrpo.expert.max_train_conversations=2", "adrpo.expert.train_sessions=2", "adrpo.sft.max_samples=16",
+         "adrpo.sft.max_epochs=1", "adrpo.rl.max_steps=2", "adrpo.rl.group_size=2", "adrpo.rl.max_new_tokens=48",
+         "adrpo.heldout.max_conversations=1", "adrpo.heldout.sessions=1",
+         "adrpo.train_reply_vocab=true"]  # the tiny model needs the reply-token rows (the smollm2 default is false)
 
 
 @pytest.mark.slow
@@ -119,8 +119,8 @@ def test_reward_server_step2_start_and_recall_answerer(make_cfg, small_locomo, d
     r = run_cli("stage=data", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     step2 = fake_step2(tmp_path / "step2", make_cfg().model, data_root)  # the tiny model as a step2 export
-    fast = [*common, *SMALL, f"stage.inputs.step2={step2}", f"stage.inputs.data={tmp_path / 'outputs/default/data'}",
-            "stage.memory.search=bm25", "stage.sft.max_epochs=0", "stage.rl.max_steps=1", "stage.init_from=step2"]
+    fast = [*common, *SMALL, f"adrpo.inputs.step2={step2}", f"adrpo.inputs.data={tmp_path / 'outputs/default/data'}",
+            "adrpo.memory.search=bm25", "adrpo.sft.max_epochs=0", "adrpo.rl.max_steps=1", "adrpo.init_from=step2"]
     servers = []
 
     def serve(answerer) -> str:
@@ -134,20 +134,21 @@ def test_reward_server_step2_start_and_recall_answerer(make_cfg, small_locomo, d
 
     try:
         url = serve(LocalAnswerer())
-        remote = [*fast, "stage.reward.mode=api", "stage.reward.server.token_env=null"]
-        r = run_cli("stage=adrpo", *remote, f"stage.reward.server.url={url}", "exp=remote", cwd=tmp_path)
+        remote = [*fast, "adrpo.reward.mode=api", "adrpo.reward.server.token_env=null"]
+        r = run_cli("stage=adrpo", *remote, f"adrpo.reward.server.url={url}", "exp=remote", cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         m = manifest("remote")
         assert m["stats"]["reward_service"]["server"] == url and m["stats"]["init_from"] == "step2"
+        assert set(m["inputs"]) == {"data", "step2"}  # every upstream the run read
         assert m["metrics"]["rl/steps"] == 1 and servers[0].served >= 3  # expert, sft and rl held-out at least
 
-        r = run_cli("stage=adrpo", *fast, "stage.reward.answerer=recall", "exp=recall", cwd=tmp_path)
+        r = run_cli("stage=adrpo", *fast, "adrpo.reward.answerer=recall", "exp=recall", cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         m = manifest("recall")
         assert m["stats"]["reward_service"] == {"answerer": "recall"} and 0 <= m["metrics"]["heldout/qa_acc_rl"] <= 1
 
         bad = serve(FailAfter(2))  # the expert's and the SFT policy's held-out scoring pass, then it fails
-        r = run_cli("stage=adrpo", *remote, f"stage.reward.server.url={bad}", "exp=failing", cwd=tmp_path)
+        r = run_cli("stage=adrpo", *remote, f"adrpo.reward.server.url={bad}", "exp=failing", cwd=tmp_path)
         assert r.returncode == 2 and "held-out QA scoring (rl) failed" in r.stderr and "HTTP 502" in r.stderr
         assert not (tmp_path / "outputs" / "failing" / "adrpo" / "manifest.json").exists()
     finally:

@@ -8,7 +8,9 @@ import json
 
 import pytest
 
+from lightmem_exp.config.schema import EVAL_METHODS
 from lightmem_exp.errors import ConfigError, UpstreamError
+from lightmem_exp.eval.methods import METHODS
 from lightmem_exp.stages import run, validate
 from tests.eval.fakes import make_sft, make_step1_step2, small_model_overrides
 from tests.eval.test_judge import FakeServer
@@ -19,32 +21,36 @@ ALL = ["closed_book", "full_context", "rag_bm25", "rag_dense", "rag_hybrid", "se
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("stage.methods=[closed_book,oracle]", "stage.methods"), ("stage.methods=[]", "stage.methods"),
-     ("stage.methods=[rag_bm25,rag_bm25]", "stage.methods"), ("stage.split=dev", "stage.split"),
-     ("stage.max_questions_per_conv=0", "stage.max_questions_per_conv"), ("stage.batch_size=0", "stage.batch_size"),
-     ("stage.ks=[0]", "stage.ks"), ("stage.rag.k=0", "stage.rag.k"), ("stage.recall.bank=disk", "stage.recall.bank"),
-     ("stage.session_rank.top_sessions=0", "stage.session_rank.top_sessions"),
-     ("stage.headline.method=oracle", "stage.headline.method"), ("stage.context_tokens=8", "stage.context_tokens"),
-     ("stage.bootstrap.resamples=0", "stage.bootstrap.resamples"),
-     ("stage.bootstrap.confidence=1.0", "stage.bootstrap.confidence"),
-     ("stage.context_tokens=20", "stage.max_new_tokens"),
-     ("stage.judge.enabled=true", None)],
+    [("eval.methods=[closed_book,oracle]", "eval.methods"), ("eval.methods=[]", "eval.methods"),
+     ("eval.methods=[rag_bm25,rag_bm25]", "eval.methods"), ("eval.split=dev", "eval.split"),
+     ("eval.max_questions_per_conv=0", "eval.max_questions_per_conv"), ("eval.batch_size=0", "eval.batch_size"),
+     ("eval.ks=[0]", "eval.ks"), ("eval.rag.k=0", "eval.rag.k"), ("eval.recall.bank=disk", "eval.recall.bank"),
+     ("eval.session_rank.top_sessions=0", "eval.session_rank.top_sessions"),
+     ("eval.headline.method=oracle", "eval.headline.method"), ("eval.context_tokens=8", "eval.context_tokens"),
+     ("eval.bootstrap.resamples=0", "eval.bootstrap.resamples"),
+     ("eval.bootstrap.confidence=1.0", "eval.bootstrap.confidence"),
+     ("eval.context_tokens=20", "eval.max_new_tokens"),
+     ("eval.judge.enabled=true", None)],
 )
 def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
     if key is None:  # the judge's defaults are valid once enabled; a bad URL is not
         validate(make_cfg("stage=eval", override))
-        with pytest.raises(ConfigError, match="'stage.judge.base_url'"):
-            validate(make_cfg("stage=eval", override, "stage.judge.base_url=localhost:8000"))
+        with pytest.raises(ConfigError, match="'eval.judge.base_url'"):
+            validate(make_cfg("stage=eval", override, "eval.judge.base_url=localhost:8000"))
         return
     with pytest.raises(ConfigError, match=f"'{key}'"):
         validate(make_cfg("stage=eval", override))
 
 
+def test_the_config_names_every_method_there_is():
+    assert tuple(METHODS) == EVAL_METHODS
+
+
 def test_eval_is_the_last_stage_of_the_pipeline(make_cfg):
     assert validate(make_cfg("stage=eval")) == ["eval"]
     assert validate(make_cfg())[-1] == "eval"
-    with pytest.raises(ConfigError, match="'stage.stages.eval.rag.k'"):
-        validate(make_cfg("stage.stages.eval.rag.k=0"))
+    with pytest.raises(ConfigError, match="'eval.rag.k'"):
+        validate(make_cfg("eval.rag.k=0"))
 
 
 def _data(make_cfg, small_locomo, small_model_cfg) -> list[str]:
@@ -54,15 +60,15 @@ def _data(make_cfg, small_locomo, small_model_cfg) -> list[str]:
     return common
 
 
-QUICK = ["stage.max_questions_per_conv=2", "stage.max_new_tokens=4", "stage.update_decisions.max=2",
-         "stage.update_decisions.max_new_tokens=8"]
+QUICK = ["eval.max_questions_per_conv=2", "eval.max_new_tokens=4", "eval.update_decisions.max=2",
+         "eval.update_decisions.max_new_tokens=8"]
 
 
 def test_missing_upstreams_are_named_in_the_report(make_cfg, tmp_path, small_locomo, small_model_cfg):
     common = _data(make_cfg, small_locomo, small_model_cfg)
-    cfg = make_cfg("stage=eval", *common, *QUICK, "stage.methods=[closed_book,rag_bm25,sft_adapter,recall]")
+    cfg = make_cfg("stage=eval", *common, *QUICK, "eval.methods=[closed_book,rag_bm25,sft_adapter,recall]")
     result = run(cfg)
-    m, st = result.manifest, cfg.stage
+    m, st = result.manifest, cfg.eval
     assert m.stats["methods_run"] == ["closed_book", "rag_bm25"]
     assert set(m.stats["not_run"]) == {"sft_adapter", "recall"}
     assert "upstream sft not run" in m.stats["not_run"]["sft_adapter"]
@@ -107,8 +113,8 @@ def test_missing_upstreams_are_named_in_the_report(make_cfg, tmp_path, small_loc
 
     # An upstream named explicitly must exist.
     with pytest.raises(UpstreamError, match="sft"):
-        run(make_cfg("stage=eval", *common, *QUICK, "exp=x", f"stage.inputs.data={tmp_path / 'outputs/default/data'}",
-                     f"stage.inputs.sft={tmp_path / 'nowhere'}"))
+        run(make_cfg("stage=eval", *common, *QUICK, "exp=x", f"eval.inputs.data={tmp_path / 'outputs/default/data'}",
+                     f"eval.inputs.sft={tmp_path / 'nowhere'}"))
 
 
 @pytest.mark.slow
@@ -121,9 +127,9 @@ def test_every_method_with_every_upstream_and_the_judge(make_cfg, tmp_path, smal
     make_step1_step2(tmp_path / "outputs/default", cfg, memories)
     monkeypatch.setenv("LMX_TEST_JUDGE_KEY", "sk-secret-do-not-save")
     with FakeServer() as srv:
-        result = run(make_cfg("stage=eval", *common, *QUICK, "logger=csv", "stage.judge.enabled=true",
-                              f"stage.judge.base_url={srv.url}", "stage.judge.api_key_env=LMX_TEST_JUDGE_KEY",
-                              "stage.session_rank.prefilter=2"))
+        result = run(make_cfg("stage=eval", *common, *QUICK, "logger=csv", "eval.judge.enabled=true",
+                              f"eval.judge.base_url={srv.url}", "eval.judge.api_key_env=LMX_TEST_JUDGE_KEY",
+                              "eval.session_rank.prefilter=2"))
     m, sdir = result.manifest, result.dir
     assert m.stats["methods_run"] == ALL and not m.stats["not_run"] and not m.stats["missing_upstream"]
     assert set(m.inputs) == {"data", "sft", "step2"}  # recall.bank=export: step1 is not read

@@ -22,8 +22,7 @@ def test_rerun_refuses_pipeline_reuses_overwrite_redoes(make_cfg, small_locomo, 
     with pytest.raises(LmxError, match="already complete"):
         run(make_cfg("stage=data", *base))
 
-    pipe = ["stage.order=[data]", "logger=none", "progress=false", "stage.stages.data.name=data",
-            f"data.path={small_locomo}"]
+    pipe = ["pipeline=[data]", "logger=none", "progress=false", f"data.path={small_locomo}"]
     before = _created(sdir)
     reused = run(make_cfg(*pipe))
     assert reused.dir == sdir and _created(sdir) == before
@@ -34,3 +33,18 @@ def test_rerun_refuses_pipeline_reuses_overwrite_redoes(make_cfg, small_locomo, 
     run(make_cfg("stage=data", *base, "overwrite=true", "seed=3"))
     assert not (sdir / "stale.txt").exists()
     assert json.loads((sdir / "manifest.json").read_text())["seed"] == 3
+
+
+def test_a_run_ends_with_a_summary_of_what_each_stage_produced(make_cfg, small_locomo, tmp_path, caplog):
+    base = ["logger=none", "progress=false", f"data.path={small_locomo}"]
+    caplog.set_level("INFO", logger="lightmem_exp")
+    run(make_cfg("stage=data", *base))
+    run(make_cfg("pipeline=[data]", *base))
+    first, second = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run summary")]
+    sdir = tmp_path / "outputs" / "default" / "data"
+    for text, status in ((first, "ran"), (second, "reused")):
+        header, row = text.splitlines()[1:]
+        assert header.split() == ["stage", "status", "headline", "outputs"]
+        stage, got, headline, where = row.split()
+        assert (stage, got, where) == ("data", status, str(sdir))
+        assert float(headline) == json.loads((sdir / "manifest.json").read_text())["metrics"]["headline"]

@@ -16,13 +16,13 @@ METRICS = [f"{g}_{t}" for g in ("factqa/em", "factqa/f1", "factqa_train/em", "fa
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("stage.lr=0", "stage.lr"), ("stage.lr=-1e-4", "stage.lr"), ("stage.max_epochs=0", "stage.max_epochs"),
-     ("stage.batch_size=1.5", "stage.batch_size"), ("stage.warmup_ratio=1", "stage.warmup_ratio"),
-     ("stage.general_fraction=1.0", "stage.general_fraction"), ("stage.max_seq_len=8", "stage.max_seq_len"),
-     ("stage.max_train_samples.fact_qa=0", "stage.max_train_samples.fact_qa"),
-     ("stage.early_stopping.patience=0", "stage.early_stopping.patience"),
-     ("stage.mask_method=last", "stage.mask_method"), ("stage.eval.max_update=-1", "stage.eval.max_update"),
-     ("stage.eval.max_new_tokens=512", "stage.eval.max_new_tokens"), ("lora.r=0", "lora.r")],
+    [("sft.lr=0", "sft.lr"), ("sft.lr=-1e-4", "sft.lr"), ("sft.max_epochs=0", "sft.max_epochs"),
+     ("sft.batch_size=0", "sft.batch_size"), ("sft.warmup_ratio=1", "sft.warmup_ratio"),
+     ("sft.general_fraction=1.0", "sft.general_fraction"), ("sft.max_seq_len=8", "sft.max_seq_len"),
+     ("sft.max_train_samples.fact_qa=0", "sft.max_train_samples.fact_qa"),
+     ("sft.early_stopping.patience=0", "sft.early_stopping.patience"),
+     ("sft.mask_method=last", "sft.mask_method"), ("sft.eval.max_update=-1", "sft.eval.max_update"),
+     ("sft.eval.max_new_tokens=512", "sft.eval.max_new_tokens"), ("lora.r=0", "lora.r")],
 )
 def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -32,22 +32,22 @@ def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
 def test_defaults_validate_alone_in_the_pipeline_and_in_the_7b_preset(make_cfg):
     assert validate(make_cfg("stage=sft")) == ["sft"]
     pipeline = make_cfg()
-    assert validate(pipeline) == list(pipeline.stage.order) and "sft" in pipeline.stage.order
-    with pytest.raises(ConfigError, match="'stage.stages.sft.lr'"):  # the key as the user sets it
-        validate(make_cfg("stage.stages.sft.lr=0"))
+    assert validate(pipeline) == list(pipeline.pipeline) and "sft" in pipeline.pipeline
+    with pytest.raises(ConfigError, match="'sft.lr'"):  # the same address in the pipeline
+        validate(make_cfg("sft.lr=0"))
     preset = make_cfg("stage=sft", "experiment=sft_7b")
     assert preset.model.name == "qwen7b" and preset.quant.mode == "nf4" and preset.lora.r == 16
-    assert preset.trainer.name == "gpu" and 2e-5 <= preset.stage.lr <= 5e-5 and preset.stage.max_seq_len == 2048
+    assert preset.trainer.name == "gpu" and 2e-5 <= preset.sft.lr <= 5e-5 and preset.sft.max_seq_len == 2048
     validate(preset)
     with pytest.raises(ConfigError, match="'quant.mode'"):
         validate(make_cfg("stage=sft", "quant=nf4", "model.init=random"))
 
 
 # small_locomo has few update decisions (4 train, 2 test); the default tiny model's tokenizer fits them in 512 tokens.
-CAPS = ["stage.max_train_samples.fact_qa=24", "stage.max_train_samples.update_decisions=16",
-        "stage.max_val_samples.fact_qa=8", "stage.max_val_samples.update_decisions=4", "stage.max_epochs=2",
-        "stage.eval.max_fact_qa=6", "stage.eval.max_fact_qa_train=6", "stage.eval.max_update=6",
-        "stage.eval.max_general=4", "stage.eval.max_new_tokens=32", "stage.eval.batch_size=6"]
+CAPS = ["sft.max_train_samples.fact_qa=24", "sft.max_train_samples.update_decisions=16",
+        "sft.max_val_samples.fact_qa=8", "sft.max_val_samples.update_decisions=4", "sft.max_epochs=2",
+        "sft.eval.max_fact_qa=6", "sft.eval.max_fact_qa_train=6", "sft.eval.max_update=6",
+        "sft.eval.max_general=4", "sft.eval.max_new_tokens=32", "sft.eval.batch_size=6"]
 
 
 @pytest.mark.slow
@@ -98,7 +98,7 @@ def test_sft_qlora_nf4_stage_on_cpu(make_cfg, tmp_path, small_locomo):
              *(f"model.tiny.{k}={v}" for k, v in SMALL_TINY_SPEC.items())]
     base = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_sft=120", *small]
     run(make_cfg("stage=data", *base))
-    result = run(make_cfg("stage=sft", *base, *CAPS, "stage.max_epochs=1", "stage.max_seq_len=512", "quant=nf4",
+    result = run(make_cfg("stage=sft", *base, *CAPS, "sft.max_epochs=1", "sft.max_seq_len=512", "quant=nf4",
                           "trainer.gradient_checkpointing=true"))
     m = result.manifest
     assert m.stats["quantised_4bit"] is True and m.stats["global_steps"] >= 1

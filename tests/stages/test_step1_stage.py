@@ -35,7 +35,7 @@ def test_step1_trains_and_writes_manifest(tmp_path, small_locomo):
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=8"]
     r = run_cli("stage=data", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("stage=step1", *common, "stage.max_epochs=1", cwd=tmp_path)
+    r = run_cli("stage=step1", *common, "step1.max_epochs=1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     sdir = tmp_path / "outputs" / "default" / "step1"
     m = json.loads((sdir / "manifest.json").read_text())

@@ -64,7 +64,7 @@ def _writes(log_dir: Path) -> dict[str, list[tuple[str, str]]]:
 
 def test_step2_ddp_two_cpu_processes_only_rank0_writes(tmp_path, small_locomo):
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=4"]
-    for stage in (["stage=data"], ["stage=step1", "stage.max_epochs=1"]):
+    for stage in (["stage=data"], ["stage=step1", "step1.max_epochs=1"]):
         r = run_cli(*stage, *common, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
 
@@ -75,10 +75,10 @@ def test_step2_ddp_two_cpu_processes_only_rank0_writes(tmp_path, small_locomo):
     (audit / "sitecustomize.py").write_text(AUDIT)
     env = {"PYTHONPATH": os.pathsep.join([str(audit), os.environ.get("PYTHONPATH", "")]),
            "LMX_AUDIT_LOG": str(log_dir), "LMX_AUDIT_ROOT": str(sdir)}
-    r = run_cli("stage=step2", "stage.max_epochs=2", "stage.batch_size=2", "stage.guard_size=2",
-                "stage.recall_test.sample_size=2", "stage.recall_test.every_n_epochs=1", "stage.demo_size=1",
-                "stage.demo_max_new_tokens=4",
-                "stage.sft_max_tokens=128", "trainer=ddp", "trainer.lightning.accelerator=cpu",
+    r = run_cli("stage=step2", "step2.max_epochs=2", "step2.batch_size=2", "step2.guard_size=2",
+                "step2.recall_test.sample_size=2", "step2.recall_test.every_n_epochs=1", "step2.demo_size=1",
+                "step2.demo_max_new_tokens=4",
+                "step2.sft_max_tokens=128", "trainer=ddp", "trainer.lightning.accelerator=cpu",
                 "trainer.lightning.devices=2", "trainer.threads=1", *common, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
 

@@ -14,15 +14,15 @@ pytestmark = pytest.mark.slow
 
 def _data_step1_step2(tmp_path, small_locomo, *step2: str) -> None:
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=4"]
-    for stage in (["stage=data"], ["stage=step1", "stage.max_epochs=1"],
-                  ["stage=step2", "stage.recall_test.sample_size=2", "stage.sft_max_tokens=128", *step2]):
+    for stage in (["stage=data"], ["stage=step1", "step1.max_epochs=1"],
+                  ["stage=step2", "step2.recall_test.sample_size=2", "step2.sft_max_tokens=128", *step2]):
         r = run_cli(*stage, *common, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
-    _data_step1_step2(tmp_path, small_locomo, "stage.max_epochs=2", "stage.guard_size=4", "stage.demo_size=2",
-                      "stage.demo_max_new_tokens=8", "stage.recall_test.every_n_epochs=1", "stage.unwritten_size=3")
+    _data_step1_step2(tmp_path, small_locomo, "step2.max_epochs=2", "step2.guard_size=4", "step2.demo_size=2",
+                      "step2.demo_max_new_tokens=8", "step2.recall_test.every_n_epochs=1", "step2.unwritten_size=3")
     out = tmp_path / "outputs" / "default"
     sdir = out / "step2"
     m = json.loads((sdir / "manifest.json").read_text())
@@ -58,7 +58,7 @@ def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
 
 
 def test_step2_trains_on_packed_batches(tmp_path, small_locomo):
-    _data_step1_step2(tmp_path, small_locomo, "stage.max_epochs=1", "stage.guard_size=0", "stage.demo_size=0",
-                      "stage.packing.enabled=true")
+    _data_step1_step2(tmp_path, small_locomo, "step2.max_epochs=1", "step2.guard_size=0", "step2.demo_size=0",
+                      "step2.packing.enabled=true")
     m = json.loads((tmp_path / "outputs" / "default" / "step2" / "manifest.json").read_text())
     assert m["stats"]["packing"]["enabled"] is True and 0.0 <= m["metrics"]["recall/exact_match"] <= 1.0

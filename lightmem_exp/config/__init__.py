@@ -1,18 +1,21 @@
-"""Config plumbing shared by the CLI and the tests: resolvers, validation before work starts, saving."""
+"""Config plumbing shared by the CLI and the tests: resolvers, the typed configs' registration, validation before
+work starts, saving. The stage configs themselves (fields, docs, checks) are in `lightmem_exp.config.schema`."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
-from collections.abc import Callable, Iterable, Sequence
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from lightmem_exp.artifacts import write_text
 from lightmem_exp.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
@@ -23,7 +26,48 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("lmx.shared_data", lambda: str(PROJECT_ROOT.parent / "shared" / "data"))
 
 
+def register_configs() -> None:
+    """The typed configs as Hydra schemas: each stage's block (`<stage>: default` in conf/config.yaml) and the
+    schemas conf/data/*.yaml and conf/lora/*.yaml extend (`defaults: [_schema, _self_]`)."""
+    from hydra.core.config_store import ConfigStore
+
+    from lightmem_exp.config.schema import STAGE_CONFIGS, DataConfig, LoraConfig
+
+    cs = ConfigStore.instance()
+    for name, node in STAGE_CONFIGS.items():
+        cs.store(group=name, name="default", node=node)
+    cs.store(group="data", name="_schema", node=DataConfig)
+    cs.store(group="lora", name="_schema", node=LoraConfig)
+
+
 register_resolvers()
+register_configs()
+
+
+def typed(cfg: DictConfig, key: str) -> Any:
+    """The dataclass of block `key` (a stage name, 'data' or 'lora') built from `cfg`, interpolations resolved: its
+    checks run here and a failure names the full address (`step2.recall_test.every_n_epochs`)."""
+    from lightmem_exp.config.schema import STAGE_CONFIGS, DataConfig, LoraConfig
+
+    cls = {**STAGE_CONFIGS, "data": DataConfig, "lora": LoraConfig}[key]
+    return _build(cls, OmegaConf.select(cfg, key), key + ".")
+
+
+def _build(cls: type, node: DictConfig, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = node[f.name]
+        sub = next((t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if dataclasses.is_dataclass(t)),
+                   None)
+        if sub is not None and value is not None:
+            kwargs[f.name] = _build(sub, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(prefix + e.key, e.detail) from None
 
 
 def require(cfg: DictConfig, key: str, check: Callable[[object], bool], expect: str, *,
@@ -38,34 +82,6 @@ def require(cfg: DictConfig, key: str, check: Callable[[object], bool], expect: 
         ok = False
     if not ok:
         raise ConfigError(key, f"got {value!r}, expected {expect}")
-
-
-def positive(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def non_negative(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-
-
-def int_at_least(n: int) -> Callable[[object], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
-
-
-def is_bool(v: object) -> bool:
-    return isinstance(v, bool)
-
-
-# Row pieces for `require_all` tables: (check, what is expected[, null allowed]).
-INT1: tuple[Callable[[object], bool], str] = (int_at_least(1), "an integer >= 1")
-OPT_INT1: tuple[Callable[[object], bool], str, bool] = (int_at_least(1), "null or an integer >= 1", True)
-OPT_POSITIVE: tuple[Callable[[object], bool], str, bool] = (positive, "null or a number > 0", True)
-
-
-def require_all(cfg: DictConfig, prefix: str, table: Iterable[Sequence]) -> None:
-    """`require` for every row `(key, check, expect[, allow_none])` of a table, keys relative to `prefix`."""
-    for key, check, expect, *rest in table:
-        require(cfg, prefix + key, check, expect, allow_none=bool(rest and rest[0]))
 
 
 # ----------------------------------------------------------------------------------------------------- secrets
@@ -121,30 +137,31 @@ def check_argv_secrets(argv: Sequence[str]) -> str | None:
 
 
 def validate_common(cfg: DictConfig) -> None:
-    """Checks that apply to every stage; each stage adds its own in its `validate`."""
-    require(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
-    require(cfg, "exp", lambda v: isinstance(v, str) and v and "/" not in v, "a non-empty name without '/'")
-    require(cfg, "resume", lambda v: v in ("auto", "never"), "'auto' or 'never'")
-    require(cfg, "quant.mode", lambda v: v in ("none", "nf4"), "'none' or 'nf4'")
-    require(cfg, "lora.r", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
-    require(cfg, "lora.alpha", positive, "a number > 0")
-    require(cfg, "lora.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
-    require(cfg, "lora.target_modules", lambda v: len(v) > 0, "a non-empty list of module names")
-    require(cfg, "model.init", lambda v: v in ("pretrained", "random"), "'pretrained' or 'random'")
-    require(cfg, "logger.name", lambda v: v in ("wandb", "csv", "none"), "'wandb', 'csv' or 'none'")
-    require(cfg, "data.split_fractions", lambda v: len(v) == 3 and all(x >= 0 for x in v) and abs(sum(v) - 1) < 1e-6,
-            "three non-negative fractions summing to 1")
-    from lightmem_exp.models.loading import DTYPES  # here: config.py itself stays free of torch
+    """Checks that apply to every stage: the run's own keys, the model, trainer and the typed data and lora blocks;
+    each stage's block is checked by `typed(cfg, <stage>)` and its recipe's `validate`."""
+    from lightmem_exp.models.loading import DTYPES  # here: the config package itself stays free of torch
 
-    require_all(cfg, "", [
+    def count(lo: int) -> Callable[[object], bool]:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    for key, check, expect, allow_none in [
+        ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", False),
+        ("exp", lambda v: isinstance(v, str) and v and "/" not in v, "a non-empty name without '/'", False),
+        ("resume", lambda v: v in ("auto", "never"), "'auto' or 'never'", False),
+        ("quant.mode", lambda v: v in ("none", "nf4"), "'none' or 'nf4'", False),
+        ("model.init", lambda v: v in ("pretrained", "random"), "'pretrained' or 'random'", False),
+        ("logger.name", lambda v: v in ("wandb", "csv", "none"), "'wandb', 'csv' or 'none'", False),
         ("model.torch_dtype", lambda v: str(v).removeprefix("torch.") in DTYPES, f"null or one of {list(DTYPES)}",
          True),
         ("model.build", lambda v: v in ("tiny", "gguf", "none", ""), "null, 'tiny' or 'gguf'", True),
-        ("model.max_seq_len", int_at_least(16), "null or an integer >= 16", True),
-        ("trainer.accumulate_grad_batches", *INT1),
-        ("trainer.threads", *OPT_INT1),
-        ("trainer.gradient_checkpointing", is_bool, "true or false"),
-    ])
+        ("model.max_seq_len", count(16), "null or an integer >= 16", True),
+        ("trainer.accumulate_grad_batches", count(1), "an integer >= 1", False),
+        ("trainer.threads", count(1), "null or an integer >= 1", True),
+        ("trainer.gradient_checkpointing", lambda v: isinstance(v, bool), "true or false", False),
+    ]:
+        require(cfg, key, check, expect, allow_none=allow_none)
+    typed(cfg, "data")
+    typed(cfg, "lora")
     check_secrets(cfg)
     validate_scale_out(cfg)
 
