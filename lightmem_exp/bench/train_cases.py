@@ -2,7 +2,7 @@
 pure batches), G6 (packed vs padded batches), and the `recall/capacity` curve.
 
 G4-G6 run the stage itself on the tiny default model: the data stage (`DataRecipe`) and step1 (`Step1Recipe`, set up
-and exported without training) build its upstream in a temporary folder, then `Step2Recipe.setup_data` and
+and exported without training) build its upstream in a temporary folder, then `Step2Recipe.read_upstream`, `setup_data` and
 `setup_model` give exactly the memories, dataset, vectors, LoRA and token rows the stage trains, and
 `Step2Recipe.module` its Lightning module. A training step here is forward, backward and an AdamW step
 (`MixedMemoryModule.training_step`), called directly on both sides (Lightning's loop is left out on both).
@@ -100,11 +100,12 @@ class Setup:
 
 
 def setup(cfg: DictConfig, upstream: Path) -> Setup:
-    """step2 over the `upstream` data and step1 (`build_upstream`): its data phase, epoch 0 drawn."""
+    """step2 over the `upstream` data and step1 (`build_upstream`): its upstream and data phases, epoch 0 drawn."""
     from lightmem_exp.stages.step2 import Step2Recipe
 
     torch.manual_seed(int(cfg.seed))
     recipe = Step2Recipe(_view(cfg, "step2", upstream / "step2", step1=upstream / "step1"))
+    recipe.read_upstream()
     dataset = recipe.setup_data()
     dataset.refresh_epoch_data(0)
     return Setup(recipe, [dataset[i] for i in range(len(dataset))])

@@ -126,8 +126,9 @@ class Step2Recipe(Recipe):
                               "only in one flattened row: set step2.packing.flatten=true")
 
     def run(self) -> StageResult:
-        self.setup_data()
+        self.read_upstream()
         self.setup_model()
+        self.setup_data()
         self.train()
         if not self.trainer.is_global_zero:
             return self.result_without_manifest()
@@ -136,13 +137,10 @@ class Step2Recipe(Recipe):
         self.demo()
         return self.finish(self.metrics["headline"])
 
-    def setup_data(self) -> MixedMemorySFTDataset:
-        """step1's written memories, tokenizer and bank vectors, and the mixed memory dataset over the data stage's
-        SFT pool, less the held-out guard conversations."""
-        a, seed = self.args, self.cfg.seed
+    def read_upstream(self) -> None:
+        """step1's written memories, tokenizer and bank vectors (checked against the model before any data work)."""
         self.step1 = step1 = self.upstream("step1")
         self.data = self.upstream("data", load_data_manifest(self.cfg, step1))
-        pool = read_artifact(self.data, "sft_pool")
         # Rows without a split come from a step1 that wrote train-split memories only.
         self.written = [{"id": m["id"], "text": m["text"], "split": m.get("split", "train")}
                         for m in read_jsonl(step1.path("written_memories"))]
@@ -159,7 +157,12 @@ class Step2Recipe(Recipe):
             raise LmxError(f"{step1.path('bank')}: the bank lacks written memories {absent[:5]}")
         self.bank_rows = [row_of[m["id"]] for m in self.written]
         self.vectors = self.bank.injection_vectors(self.bank_rows)
-        self.marker_ids = self.tokenizer(a.end_marker, add_special_tokens=False)["input_ids"]
+        self.marker_ids = self.tokenizer(self.args.end_marker, add_special_tokens=False)["input_ids"]
+
+    def setup_data(self) -> MixedMemorySFTDataset:
+        """The mixed memory dataset over the data stage's SFT pool, less the held-out guard conversations."""
+        a, seed = self.args, self.cfg.seed
+        pool = read_artifact(self.data, "sft_pool")
         self.dataset = memory_dataset(a, self.tokenizer, pool, self.written, self.tok_ids, seed)
         self.guard = _guard_set(pool, a.guard_size, self.dataset, seed)
         guard_ids = {g["index"] for g in self.guard}

@@ -195,8 +195,9 @@ def test_step2_refuses_a_step1_bank_or_tokenizer_from_another_model(make_cfg, tm
     tok_dir = _tokenizer_without_memory_tokens(up / "tok_bad") if broken == "tokenizer" else up / "tok_ok"
     bank = _bank(up / "bank", 16 if broken == "bank" else 128)
     (up / "adapter").mkdir()
-    data = _stage_dir(up, "data", {"sft_pool.jsonl": [{"index": 0, "source": "pool.jsonl", "messages": [],
-                                                        "has_think": False, "n_tokens": 0}]})
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    data = _stage_dir(up, "data", {"sft_pool.jsonl": [{"index": 0, "source": "pool.jsonl", "messages": chat,
+                                                        "has_think": False, "n_tokens": 8}]})
     step1 = _stage_dir(up, "step1", {"written_memories.jsonl": [{"id": "c:m1", "text": "memory c:m1"}]},
                        outputs={"bank": str(bank), "tokenizer": str(tok_dir), "adapter": str(up / "adapter")})
     with pytest.raises(LmxError) as e:
@@ -377,7 +378,7 @@ def test_rejected_config_loads_no_model_and_creates_no_stage_dir(make_cfg, tmp_p
 @pytest.mark.slow
 def test_rejected_config_exits_non_zero_from_the_cli_before_any_stage_output(tmp_path):
     r = run_cli("stage=step1", "step1.lr=0", *QUIET, cwd=tmp_path)
-    assert r.returncode == 2 and "error: config 'step1.lr': got 0, expected a number > 0" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "error: config 'step1.lr': got 0.0, expected a number > 0" in r.stderr, r.stderr[-2000:]
     sdir = tmp_path / "outputs/default/step1"
     # Hydra makes its run dir (the stage dir) for .hydra/ and the log before the app starts; nothing else is there.
     assert {p.name for p in sdir.iterdir()} <= {".hydra", "__main__.log"}
