@@ -19,27 +19,38 @@ log = logging.getLogger(__name__)
 WANDB_ID_FILE = "wandb_run_id.txt"
 # On import `lightning` adds its own console handler, and `lightning.pytorch`/`.fabric` do when the root has none.
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
-LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"  # start of the advert Lightning logs at every Trainer()
+# Known-harmless console lines, dropped at the logger that emits them: (logger, start of the message, why).
+HARMLESS = (
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging",
+     "an advert Lightning logs at every Trainer()"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
+     "bitsandbytes' optional hub kernel, unreachable offline; its built-in CPU 4-bit path is used instead"),
+)
 
 
-class _DropLitLoggerTip(logging.Filter):
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(LITLOGGER_TIP)
+        return not str(record.msg).startswith(self.start)
 
 
-def quiet_lightning_console() -> None:
+def quiet_console() -> None:
     """Where the root logger has handlers (Hydra's console and run log), Lightning's records go through them only:
     its own console handlers are removed (`lightning` keeps propagating too, so each line printed twice), and the
-    litlogger advert is dropped at the logger that emits it."""
+    `HARMLESS` lines are dropped at the loggers that emit them."""
     if logging.getLogger().handlers:
         for name in LIGHTNING_LOGGERS:
             logger = logging.getLogger(name)
             for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
                 logger.removeHandler(handler)
             logger.propagate = True
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropLitLoggerTip())
+    for name, start, _why in HARMLESS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
 
 
 def make_logger(cfg: DictConfig, sdir: Path) -> Logger | None:

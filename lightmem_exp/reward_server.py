@@ -27,12 +27,14 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lightmem_exp.memory.store import SEARCH_MODES, MemoryStore, TextEmbedder
+from lightmem_exp.memory.store import SEARCH_MODES, MemoryStore
+from lightmem_exp.retrieval import TextEmbedder
 from lightmem_exp.rl.answerers import Answerer, RewardError, prefetch_embeddings
 from lightmem_exp.serve.http import UvicornServer, bearer_ok, warn_if_exposed
 
@@ -167,12 +169,15 @@ def make_answerer(args: argparse.Namespace) -> Answerer:
         return ApiAnswerer(client, judge=judge, top_k=args.top_k, verdicts_path=args.verdicts)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lightmem_exp.models.memory_bank import bank_pooling
     from lightmem_exp.rl.answerers import RecallAnswerer
 
     if not args.recall_model:
         raise SystemExit("--answerer recall needs --recall-model (a step2 export/model directory)")
     model = AutoModelForCausalLM.from_pretrained(args.recall_model)
-    return RecallAnswerer(model, AutoTokenizer.from_pretrained(args.recall_model), threshold=args.threshold)
+    pooling = bank_pooling(Path(args.recall_model).parent / "bank")  # a step2 export: model/ beside bank/
+    return RecallAnswerer(model, AutoTokenizer.from_pretrained(args.recall_model), threshold=args.threshold,
+                          pooling=pooling)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

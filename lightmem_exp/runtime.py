@@ -13,7 +13,7 @@ def setup_runtime(cfg: DictConfig) -> None:
     # Imported here: Lightning takes seconds to import, and `model_device` users (eval methods, serve) need none of it.
     from lightning.pytorch import seed_everything
 
-    from lightmem_exp.logging_utils import quiet_lightning_console
+    from lightmem_exp.logging_utils import quiet_console
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -21,7 +21,7 @@ def setup_runtime(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.trainer.threads))
     torch.set_flush_denormal(True)  # denormal floats made CPU epochs ~10x slower in the sft stage
     seed_everything(int(cfg.seed), workers=True, verbose=False)
-    quiet_lightning_console()
+    quiet_console()
 
 
 def model_device(cfg: DictConfig) -> str | None:

@@ -161,10 +161,15 @@ class Step1Config(EpochTraining):
     refresh_keys: bool = False
     """true: the key side trains too and the exported bank is re-encoded by the trained model; false: keys are the
     base model's vectors, frozen (half the step cost on smollm2, no re-encoding of the 2,813-memory bank)."""
+    key_pooling: str = "last"
+    """How a memory text becomes its key (bank vector): last (the last token's hidden state, like the `<recall>`
+    query) | mean (hidden states averaged over the text's tokens). The bank records it; eval and adrpo re-encode
+    texts with it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         number(self, "temperature", gt=0)
+        one_of(self, "key_pooling", ("last", "mean"))
         one_of(self, "negatives", ("bank", "in_batch"))
         int_min(self, "max_query_tokens", 8)
         int_min(self, "max_train_queries", 1, optional=True)

@@ -20,12 +20,12 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lightmem_exp.config.schema import MASK_METHODS
 from lightmem_exp.errors import LmxError
 from lightmem_exp.models.chat import chat_token_ids
 from lightmem_exp.models.inputs import pad_batch
 
 IGNORE_INDEX = -100
-MASK_METHODS = ("auto", "template", "prefix")
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 

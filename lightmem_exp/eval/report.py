@@ -510,4 +510,5 @@ def log_to_logger(logger: Any, metrics: dict, benchmark: str, ks: Sequence[int],
                 for m in methods]
         log_table(key=key, columns=["method", *[h for h, _ in cols]], data=rows)
     if plots and hasattr(logger, "log_image"):
-        logger.log_image(key="eval/plots", images=[str(p) for p in plots])
+        for p in plots:  # one key each: wandb warns when one key's images differ in size
+            logger.log_image(key=f"eval/plots/{p.stem}", images=[str(p)])

@@ -15,29 +15,30 @@ import torch.nn.functional as F
 
 from lightmem_exp.data.recall_queries import collate_queries
 from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, adamw_cosine
-from lightmem_exp.models.memory_bank import last_token_hidden
+from lightmem_exp.models.memory_bank import pooled_hidden
 from lightmem_exp.models.recall_loss import recall_contrastive_loss
 
 
 class RecallQueryModule(TrainableOnlyCheckpoint):
     def __init__(self, model: torch.nn.Module, key_token_ids: list[list[int]], *, pad_id: int, temperature: float,
                  negatives: str, refresh_keys: bool, lr: float, weight_decay: float, warmup_ratio: float,
-                 encode_batch_size: int = 64):
+                 encode_batch_size: int = 64, key_pooling: str = "last"):
         super().__init__()
         self.model = model
         self.key_token_ids, self.pad_id, self.encode_batch_size = key_token_ids, pad_id, encode_batch_size
         self.temperature, self.negatives, self.refresh_keys = temperature, negatives, refresh_keys
+        self.key_pooling = key_pooling
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.register_buffer("key_cache", torch.empty(0), persistent=False)
         self.save_hyperparameters(ignore=["model", "key_token_ids"])
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit vectors [B, H]: the last-layer hidden state at each row's last real token."""
-        return F.normalize(last_token_hidden(self.model, input_ids, attention_mask).float(), dim=-1)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+        """Unit vectors [B, H]: the last-layer hidden state pooled (queries: at the last token, `<recall>`)."""
+        return F.normalize(pooled_hidden(self.model, input_ids, attention_mask, pooling).float(), dim=-1)
 
     def _encode_keys(self, key_idx: list[int]) -> torch.Tensor:
         b = collate_queries([{"input_ids": self.key_token_ids[i], "targets": []} for i in key_idx], self.pad_id)
-        return self.encode(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+        return self.encode(b["input_ids"].to(self.device), b["attention_mask"].to(self.device), self.key_pooling)
 
     @torch.no_grad()
     def refresh_key_cache(self) -> None:

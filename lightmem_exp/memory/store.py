@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from lightmem_exp.config.schema import SEARCH_MODES
 from lightmem_exp.retrieval import RRF_K, BM25Retriever, TextEmbedder
 
 MEMORY_TYPES = ("core", "episodic", "semantic", "procedural")
-SEARCH_MODES = ("hybrid", "bm25", "dense")
 CORE_ID = "core"
 ID_PREFIX = {"episodic": "ep", "semantic": "sem", "procedural": "proc"}
 DEFAULT_CORE_CHAR_LIMIT = 5000

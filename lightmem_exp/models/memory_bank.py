@@ -46,6 +46,7 @@ VECTORS_FILE = "vectors.safetensors"
 ENTRIES_FILE = "entries.jsonl"
 META_FILE = "bank.json"
 FORMAT_VERSION = 1
+POOLINGS = ("last", "mean")  # how a text becomes its vector (`pooled_hidden`)
 _NORM_TOL = 1e-3
 
 
@@ -107,6 +108,7 @@ class MemoryBank:
         model_name: str | None = None,
         path: str | Path | None = None,
         normalize: bool = True,
+        pooling: str = "last",
     ):
         if vectors.ndim != 2 or vectors.shape[0] != len(entries):
             raise LmxError(f"bank vectors {tuple(vectors.shape)} do not match {len(entries)} entries")
@@ -115,6 +117,9 @@ class MemoryBank:
         self.entries = _check_entries(entries, str(path or "memory bank"))
         self.embed_scale = float(embed_scale)
         self.model_name = model_name
+        if pooling not in POOLINGS:
+            raise LmxError(f"bank pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling  # how a memory text becomes its vector: a rebuilt bank must use the same
         self.path = Path(path) if path is not None else None
         self._heads: dict[torch.device, MemoryHead] = {}
 
@@ -146,8 +151,10 @@ class MemoryBank:
         max_length: int = 512,
         progress: bool = True,
         padding_side: str | None = None,
+        pooling: str = "last",
     ) -> MemoryBank:
-        """Encode each entry's `text` with `model`; the vector is the last real token's last hidden state.
+        """Encode each entry's `text` with `model`; the vector is the last-layer hidden state pooled by `pooling`
+        (`pooled_hidden`: the last real token's, or the mean over the text's tokens).
 
         Texts are batched in length order (less padding) and padded on `padding_side` (default: the tokenizer's);
         position ids follow the attention mask, so a text gets the same vector alone or in any padded batch.
@@ -168,11 +175,12 @@ class MemoryBank:
         try:
             for batch in _progress(batches, progress):
                 input_ids, mask = pad_batch([ids[i] for i in batch], pad_id, side)
-                hidden = encode_last_token(model, input_ids.to(device), mask.to(device))
+                hidden = encode_pooled(model, input_ids.to(device), mask.to(device), pooling)
                 vectors[batch] = hidden.float().cpu()
         finally:
             model.train(was_training)
-        return cls(vectors, rows, embed_scale=measure_embed_scale(model), model_name=_model_name(model))
+        return cls(vectors, rows, embed_scale=measure_embed_scale(model), model_name=_model_name(model),
+                   pooling=pooling)
 
     # ---- persistence ----------------------------------------------------------------------------------------
 
@@ -194,6 +202,7 @@ class MemoryBank:
             "hidden_size": self.hidden_size,
             "embed_scale": self.embed_scale,
             "model_name": self.model_name,
+            "pooling": self.pooling,
             "vectors": VECTORS_FILE,
             "entries": ENTRIES_FILE,
         }
@@ -232,8 +241,13 @@ class MemoryBank:
             if "id" not in row or not isinstance(row.get("text"), str):
                 raise DataError(ent_path, "each entry needs an 'id' and a string 'text'", line=lineno)
         try:
+            pooling = meta.get("pooling", "last")  # banks saved before pooling was a choice: last token
+            if pooling not in POOLINGS:
+                raise DataError(meta_path, f"got {pooling!r}, expected one of {POOLINGS}", field="pooling")
             return cls(vectors, entries, embed_scale=meta["embed_scale"], model_name=meta.get("model_name"),
-                       path=directory, normalize=False)
+                       path=directory, normalize=False, pooling=pooling)
+        except DataError:
+            raise
         except LmxError as e:  # e.g. duplicate ids
             raise DataError(ent_path, str(e)) from e
 
@@ -319,10 +333,32 @@ def last_token_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention
     return hidden[rows, last_token_index(attention_mask)]
 
 
+def pooled_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  pooling: str = "last") -> torch.Tensor:
+    """A text's vector `[B, H]`, differentiable: `last_token_hidden` (`last`), or the last-layer hidden states
+    averaged over the real tokens (`mean`: a base model's last token mostly predicts the next word, its mean over a
+    sentence is the better description of it)."""
+    if pooling == "last":
+        return last_token_hidden(model, input_ids, attention_mask)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, use_cache=False, return_dict=True, **logits_to_keep_kwargs(model))
+    mask = attention_mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
+    return (out.hidden_states[-1] * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
-def encode_last_token(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`last_token_hidden`, L2-normalised, float32, without autograd: what a bank stores."""
-    return F.normalize(last_token_hidden(model, input_ids, attention_mask).float(), dim=-1)
+def encode_pooled(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  pooling: str = "last") -> torch.Tensor:
+    """`pooled_hidden`, L2-normalised, float32, without autograd: what a bank stores."""
+    return F.normalize(pooled_hidden(model, input_ids, attention_mask, pooling).float(), dim=-1)
+
+
+def bank_pooling(directory: str | Path) -> str:
+    """The pooling a saved bank's vectors were built with (`last` when there is no bank or it predates the choice),
+    for encoding more texts the same way."""
+    meta = Path(directory) / META_FILE
+    return str(read_json(meta).get("pooling", "last")) if meta.is_file() else "last"
 
 
 def _progress(items: list, enabled: bool):

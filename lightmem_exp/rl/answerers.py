@@ -132,7 +132,7 @@ class RecallAnswerer:
     name = "recall"
 
     def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens: int = 32, threshold: float = 1.0,
-                 batch_size: int = 16):
+                 batch_size: int = 16, pooling: str = "last"):
         from lightmem_exp.models.loading import require_memory_tokens
         from lightmem_exp.models.memory_bank import measure_embed_scale
 
@@ -140,6 +140,7 @@ class RecallAnswerer:
         self.ids = require_memory_tokens(tokenizer, getattr(model, "name_or_path", "recall model"))
         self.embed_scale = measure_embed_scale(model)
         self.max_new_tokens, self.threshold, self.batch_size = max_new_tokens, threshold, batch_size
+        self.pooling = pooling  # the step2 bank's: units are encoded as its memories were
         self.vectors: dict[str, Any] = {}  # unit text -> bank vector
         self.lock = threading.Lock()  # one generation at a time (the reward server is threaded)
 
@@ -149,7 +150,8 @@ class RecallAnswerer:
         missing = [t for t in dict.fromkeys(texts) if t not in self.vectors]
         if missing:
             bank = MemoryBank.build(self.model, self.tokenizer, [{"id": str(i), "text": t}
-                                                                 for i, t in enumerate(missing)], progress=False)
+                                                                 for i, t in enumerate(missing)], progress=False,
+                                   pooling=self.pooling)
             for t, v in zip(missing, bank.vectors, strict=True):
                 self.vectors[t] = v.clone()
 

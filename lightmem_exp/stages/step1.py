@@ -75,9 +75,9 @@ def written_memories(memories: list[dict], pairs: list[dict], splits: dict[str, 
 
 
 @torch.no_grad()
-def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
-                   ks: list[int]) -> dict:
-    """recall@k / MRR of `<recall>` queries against every vector of `bank`."""
+def query_topk(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
+               k: int) -> list[list[int]]:
+    """The top-k bank rows of each `<recall>` query (rows of query token ids)."""
     was_training = module.training
     module.eval()
     q = []
@@ -85,8 +85,14 @@ def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank
         b = collate_queries(rows[i : i + batch_size], pad_id)
         q.append(module.encode(b["input_ids"].to(module.device), b["attention_mask"].to(module.device)).cpu())
     module.train(was_training)
-    _, idx = bank.topk(torch.cat(q), max(ks))
-    return ranking_metrics(idx.tolist(), [set(r["targets"]) for r in rows], ks)
+    return bank.topk(torch.cat(q), k)[1].tolist()
+
+
+def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
+                   ks: list[int]) -> dict:
+    """recall@k / MRR of `<recall>` queries against every vector of `bank`."""
+    idx = query_topk(module, rows, bank, pad_id, batch_size, max(ks))
+    return ranking_metrics(idx, [set(r["targets"]) for r in rows], ks)
 
 
 class Step1Recipe(Recipe):
@@ -149,7 +155,7 @@ class Step1Recipe(Recipe):
             for j, s in enumerate(self.draw.items)
         ]
         self.bank = MemoryBank.build(self.model, tokenizer, self.memories, batch_size=a.bank_batch_size,
-                                     progress=self.cfg.progress)
+                                     progress=self.cfg.progress, pooling=a.key_pooling)
         row_of = {mid: i for i, mid in enumerate(self.bank.ids)}
         self.val_pairs = [p for p in self.pairs if p["conv_id"] in val_convs and p["query_kind"] == "question"
                           and any(m in row_of for m in p["memory_ids"])]
@@ -166,7 +172,7 @@ class Step1Recipe(Recipe):
         self.module = RecallQueryModule(
             self.model, self.key_ids, pad_id=self.tokenizer.pad_token_id, temperature=a.temperature,
             negatives=a.negatives, refresh_keys=a.refresh_keys, lr=a.lr, weight_decay=a.weight_decay,
-            warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size)
+            warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size, key_pooling=a.key_pooling)
 
     def train(self) -> None:
         """Lightning fit from the stage's own checkpoint when one exists; untrained val recall first."""
@@ -185,11 +191,14 @@ class Step1Recipe(Recipe):
         self.stats["throughput"] = throughput_stats(self.trainer, self.model)
         if a.refresh_keys:  # the keys moved with the model: the exported bank is re-encoded by the trained model
             self.bank = MemoryBank.build(self.model, self.tokenizer, self.memories, batch_size=a.bank_batch_size,
-                                         progress=cfg.progress)
+                                         progress=cfg.progress, pooling=a.key_pooling)
 
     def evaluate(self) -> None:
-        """Val recall@k / MRR of the trained queries, and BM25 / dense retrieval over the same bank as baselines."""
+        """Val recall@k / MRR of the trained queries against the whole bank, then per conversation on val and test
+        (`conversation_retrieval`), each with BM25 / dense retrieval over the same memories as baselines."""
         a, ks = self.args, list(self.args.eval_ks)
+        for split in ("val", "test"):
+            self.metrics.update(self.conversation_retrieval(split))
         if self.val_rows:
             self.metrics.update({f"val/{k}": v for k, v in recall_metrics(
                 self.module, self.val_rows, self.bank, self.tokenizer.pad_token_id, a.batch_size, ks).items()})
@@ -201,6 +210,40 @@ class Step1Recipe(Recipe):
                 self.metrics.update({f"baseline/{name}/{k}": v
                                      for k, v in ranking_metrics(idx.tolist(), positives, ks).items()})
         self.metrics["headline"] = self.metrics.get("val/recall@1", float("nan"))
+
+    def conversation_retrieval(self, split: str) -> dict[str, float]:
+        """recall@k / MRR of `split`'s questions, each searching only its own conversation's memories (the bank eval's
+        `recall` searches), micro-averaged over questions: `<split>_conv/*`, and BM25 / MiniLM on the same questions
+        and banks: `baseline/{bm25,dense}/<split>_conv/*`. Choose settings on val; test is reported, not tuned on."""
+        ks, pad_id, recall = list(self.args.eval_ks), self.tokenizer.pad_token_id, self.tok_ids.recall
+        rows_of: dict[str, list[int]] = {}
+        for i, m in enumerate(self.bank.entries):
+            rows_of.setdefault(m["conv_id"], []).append(i)
+        ranked: dict[str, list[list[int]]] = {"recall": [], "bm25": [], "dense": []}
+        positives: list[set[int]] = []
+        for conv in sorted(set(self.splits[split]) & set(rows_of)):
+            rows = rows_of[conv]
+            local = {self.bank.entries[i]["id"]: j for j, i in enumerate(rows)}
+            pairs = [p for p in self.pairs if p["conv_id"] == conv and p["query_kind"] == "question"
+                     and any(m in local for m in p["memory_ids"])]
+            if not pairs:
+                continue
+            queries = [{"input_ids": user_query_ids(self.tokenizer, p["query"], recall, self.args.max_query_tokens),
+                        "targets": []} for p in pairs]
+            positives += [{local[m] for m in p["memory_ids"] if m in local} for p in pairs]
+            bank = MemoryBank(self.bank.vectors[rows], [self.bank.entries[i] for i in rows],
+                              embed_scale=self.bank.embed_scale, normalize=False)
+            ranked["recall"] += query_topk(self.module, queries, bank, pad_id, self.args.batch_size, max(ks))
+            texts, questions = [self.bank.entries[i]["text"] for i in rows], [p["query"] for p in pairs]
+            for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
+                ranked[name] += retriever.search(questions, max(ks))[0].tolist()
+        if not positives:
+            return {}
+        out = {f"{split}_conv/n": float(len(positives))}
+        for name, idx in ranked.items():
+            prefix = f"{split}_conv/" if name == "recall" else f"baseline/{name}/{split}_conv/"
+            out.update({prefix + k: v for k, v in ranking_metrics(idx, positives, ks).items()})
+        return out
 
     def export(self) -> None:
         """Rank 0: the bank, adapter and tokenizer (each written atomically), the written memories and the draw."""

@@ -267,7 +267,7 @@ class Step2Recipe(Recipe):
         export_merged(self.cfg, export / "adapter", self.tokenizer, export / "model")
         bank, rows = self.bank, self.bank_rows
         bank_out = MemoryBank(bank.vectors[rows], [bank.entries[i] for i in rows], embed_scale=bank.embed_scale,
-                              model_name=bank.model_name, normalize=False)
+                              model_name=bank.model_name, normalize=False, pooling=bank.pooling)
         with atomic_dir(export / "bank") as tmp:
             bank_out.save(tmp)
         self.outputs = {"model": "export/model", "tokenizer": "export/model", "bank": "export/bank",

@@ -236,7 +236,7 @@ class _FakeWandb:
         self.tables[key] = (columns, data)
 
     def log_image(self, key, images):
-        self.images += images
+        self.images.append((key, images))
 
 
 def test_the_same_tables_go_to_a_wandb_logger(tmp_path):
@@ -250,4 +250,4 @@ def test_the_same_tables_go_to_a_wandb_logger(tmp_path):
     assert rows[1][1] == pytest.approx(metrics["rag/f1"])
     cols, rows = logger.tables["eval/per_category"]
     assert cols == ["method", "1 multi-hop", "4 single-hop", "5 adversarial"] and rows[0][3] == 0.0
-    assert logger.images == [str(tmp_path / "a.png")]
+    assert logger.images == [("eval/plots/a", [str(tmp_path / "a.png")])]  # one key per plot (sizes differ)

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from lightmem_exp.errors import DataError, LmxError
-from lightmem_exp.models.memory_bank import MemoryBank, last_token_hidden, measure_embed_scale
+from lightmem_exp.models.memory_bank import MemoryBank, bank_pooling, last_token_hidden, measure_embed_scale
 from tests.conftest import random_qwen2
 
 SENTENCES = [
@@ -75,11 +75,31 @@ def test_vector_is_last_hidden_state_of_the_text(model, tokenizer):
     assert torch.allclose(bank.vectors[0], F.normalize(hidden, dim=-1), atol=1e-6)
 
 
+def test_mean_pooled_vector_is_the_mean_hidden_state_and_is_recorded(model, tokenizer, tmp_path):
+    bank = MemoryBank.build(model, tokenizer, entries()[:1], progress=False, pooling="mean")
+    ids = torch.tensor([tokenizer(SENTENCES[0])["input_ids"]])
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+    assert torch.allclose(bank.vectors[0], F.normalize(hidden, dim=-1), atol=1e-6)
+    assert not torch.allclose(bank.vectors, MemoryBank.build(model, tokenizer, entries()[:1], progress=False).vectors)
+    bank.save(tmp_path / "bank")
+    assert MemoryBank.load(tmp_path / "bank").pooling == "mean" == bank_pooling(tmp_path / "bank")
+    meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    del meta["pooling"]  # a bank saved before pooling was a choice
+    (tmp_path / "bank" / "bank.json").write_text(json.dumps(meta))
+    assert MemoryBank.load(tmp_path / "bank").pooling == "last" == bank_pooling(tmp_path / "bank")
+    assert bank_pooling(tmp_path / "nowhere") == "last"
+    (tmp_path / "bank" / "bank.json").write_text(json.dumps({**meta, "pooling": "max"}))
+    with pytest.raises(DataError, match="field 'pooling'"):
+        MemoryBank.load(tmp_path / "bank")
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_aware(model, tokenizer, side):
+def test_padding_aware(model, tokenizer, side, pooling):
     batched = MemoryBank.build(model, tokenizer, entries(), batch_size=len(SENTENCES), progress=False,
-                               padding_side=side)
-    alone = MemoryBank.build(model, tokenizer, entries(), batch_size=1, progress=False)
+                               padding_side=side, pooling=pooling)
+    alone = MemoryBank.build(model, tokenizer, entries(), batch_size=1, progress=False, pooling=pooling)
     assert torch.allclose(batched.vectors, alone.vectors, atol=1e-5)
     assert [e["id"] for e in batched.entries] == [e["id"] for e in alone.entries]
 

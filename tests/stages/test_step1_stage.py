@@ -35,13 +35,21 @@ def test_step1_trains_and_writes_manifest(tmp_path, small_locomo):
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=8"]
     r = run_cli("stage=data", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("stage=step1", *common, "step1.max_epochs=1", cwd=tmp_path)
+    r = run_cli("stage=step1", *common, "step1.max_epochs=1", "step1.key_pooling=mean", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     sdir = tmp_path / "outputs" / "default" / "step1"
     m = json.loads((sdir / "manifest.json").read_text())
     for key in ("val/recall@1", "val/recall@5", "val/mrr", "untrained/recall@1", "untrained/recall@5",
                 "untrained/mrr", "baseline/bm25/recall@1", "baseline/dense/recall@1"):
         assert 0.0 <= m["metrics"][key] <= 1.0, key
+    # per conversation (the bank eval's recall searches), on val and test, next to BM25 and MiniLM
+    for split in ("val", "test"):
+        assert m["metrics"][f"{split}_conv/n"] > 0
+        for prefix in ("", "baseline/bm25/", "baseline/dense/"):
+            for k in ("recall@1", "recall@5", "mrr"):
+                assert 0.0 <= m["metrics"][f"{prefix}{split}_conv/{k}"] <= 1.0
+        assert m["metrics"][f"{split}_conv/recall@1"] <= m["metrics"][f"{split}_conv/recall@5"]
+    assert json.loads((sdir / "bank" / "bank.json").read_text())["pooling"] == "mean"
     assert m["inputs"]["data"]["stage"] == "data"
     assert m["stats"]["written_memories"] == 8 and m["stats"]["think_samples"] == 12
     assert m["stats"]["written_per_split"] == {"train": 4, "test": 4}  # data.write_splits shares the cap evenly
