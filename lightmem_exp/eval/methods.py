@@ -405,9 +405,11 @@ class EvalContext:
         if source in index.banks:
             return index.banks[source]
         if source == "encode":
-            lm = self.lm("step2")
+            lm, step2 = self.lm("step2"), self.upstream["step2"]
+            # encoded as the export's own bank was; an export without one (a plain model) gets last-token vectors
+            pooling = bank_pooling(step2.path("bank")) if "bank" in step2.outputs else "last"
             bank = MemoryBank.build(lm.model, lm.tokenizer, [{"id": m["id"], "text": m["text"]} for m in conv.memories],
-                                    progress=False, pooling=bank_pooling(self.upstream["step2"].path("bank")))
+                                    progress=False, pooling=pooling)
         else:
             if source not in self._full_banks:
                 path = self.upstream["step2"].path("bank") if source == "export" else self.step1_manifest().path("bank")
