@@ -398,18 +398,16 @@ class EvalContext:
                (data.write_splits; with data.max_memories a sample of them, so the others cannot be recalled);
         step1  the step1 bank's vectors of every memory of this conversation, written or not;
         encode this conversation's memories encoded by the step2 model itself (data that step1 never saw)."""
-        from lightmem_exp.models.memory_bank import MemoryBank, bank_pooling
+        from lightmem_exp.models.memory_bank import MemoryBank, export_pooling
 
         index = self.index(conv)
         source = str(self.st.recall.bank)
         if source in index.banks:
             return index.banks[source]
         if source == "encode":
-            lm, step2 = self.lm("step2"), self.upstream["step2"]
-            # encoded as the export's own bank was; an export without one (a plain model) gets last-token vectors
-            pooling = bank_pooling(step2.path("bank")) if "bank" in step2.outputs else "last"
+            lm = self.lm("step2")
             bank = MemoryBank.build(lm.model, lm.tokenizer, [{"id": m["id"], "text": m["text"]} for m in conv.memories],
-                                    progress=False, pooling=pooling)
+                                    progress=False, pooling=export_pooling(self.upstream["step2"]))
         else:
             if source not in self._full_banks:
                 path = self.upstream["step2"].path("bank") if source == "export" else self.step1_manifest().path("bank")

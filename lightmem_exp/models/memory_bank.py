@@ -361,6 +361,12 @@ def bank_pooling(directory: str | Path) -> str:
     return str(read_json(meta).get("pooling", "last")) if meta.is_file() else "last"
 
 
+def export_pooling(step2: Any) -> str:
+    """The pooling of a step2 manifest's exported bank; last-token vectors for an export without a bank (a plain model
+    standing in for one)."""
+    return bank_pooling(step2.path("bank")) if "bank" in step2.outputs else "last"
+
+
 def _progress(items: list, enabled: bool):
     if not enabled:
         return items
