@@ -1,6 +1,6 @@
 """Step1 training: the `<recall>` hidden state learns to retrieve its memory among the training keys.
 
-Keys are the same representation a bank stores (last real token's last hidden state of the key text).
+Keys are the same representation a bank stores (the key text's last hidden states pooled by `key_pooling`).
 - frozen keys (`refresh_keys=false`): the base model's key vectors, encoded once; negatives are the whole key
   set (`negatives=bank`) or the batch's positives (`in_batch`).
 - refreshed keys (`refresh_keys=true`): the key side trains too, as a dual encoder: the batch's positive keys are

@@ -319,16 +319,19 @@ def bank_token_ids(tokenizer: Any, texts: Sequence[str], max_length: int = 512) 
     return tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
 
 
-def last_token_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last-layer hidden state at each row's last real token, `[B, H]`, differentiable (step1 trains through it).
-
-    This is the one representation used everywhere: bank vectors, step1 queries and the `<recall>` query in
-    `generate_with_recall` (`hidden_states[-1]`). Position ids follow the mask, so left/right padding agree.
-    """
+def _final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states `[B, T, H]`; position ids follow the mask, so left/right padding agree."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, use_cache=False, return_dict=True, **logits_to_keep_kwargs(model))
-    hidden = out.hidden_states[-1]
+    return out.hidden_states[-1]
+
+
+def last_token_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden state at each row's last real token, `[B, H]`, differentiable (step1 trains through it):
+    step1's queries, the `<recall>` query in `generate_with_recall` (`hidden_states[-1]`) and `last`-pooled keys."""
+    hidden = _final_hidden_states(model, input_ids, attention_mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, last_token_index(attention_mask)]
 
@@ -340,11 +343,9 @@ def pooled_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     sentence is the better description of it)."""
     if pooling == "last":
         return last_token_hidden(model, input_ids, attention_mask)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=True, use_cache=False, return_dict=True, **logits_to_keep_kwargs(model))
-    mask = attention_mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
-    return (out.hidden_states[-1] * mask).sum(1) / mask.sum(1).clamp_min(1)
+    hidden = _final_hidden_states(model, input_ids, attention_mask)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 @torch.no_grad()
