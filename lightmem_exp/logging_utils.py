@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -27,6 +28,12 @@ HARMLESS = (
      "bitsandbytes' optional hub kernel, unreachable offline; its built-in CPU 4-bit path is used instead"),
 )
 
+# Known-harmless warnings (`warnings.warn`), ignored by message: (category, start of the message, why).
+HARMLESS_WARNINGS = (
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated",
+     "PEFT's get_peft_model reads the property transformers 5 renamed; nothing of ours uses it"),
+)
+
 
 class _DropMessage(logging.Filter):
     def __init__(self, start: str) -> None:
@@ -40,7 +47,7 @@ class _DropMessage(logging.Filter):
 def quiet_console() -> None:
     """Where the root logger has handlers (Hydra's console and run log), Lightning's records go through them only:
     its own console handlers are removed (`lightning` keeps propagating too, so each line printed twice), and the
-    `HARMLESS` lines are dropped at the loggers that emit them."""
+    `HARMLESS` lines are dropped at the loggers that emit them, the `HARMLESS_WARNINGS` ignored."""
     if logging.getLogger().handlers:
         for name in LIGHTNING_LOGGERS:
             logger = logging.getLogger(name)
@@ -51,6 +58,8 @@ def quiet_console() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
             logger.addFilter(_DropMessage(start))
+    for category, start, _why in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=f"^{start}", category=category)
 
 
 def make_logger(cfg: DictConfig, sdir: Path) -> Logger | None:

@@ -169,15 +169,15 @@ def make_answerer(args: argparse.Namespace) -> Answerer:
         return ApiAnswerer(client, judge=judge, top_k=args.top_k, verdicts_path=args.verdicts)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightmem_exp.models.memory_bank import bank_pooling
+    from lightmem_exp.models.memory_bank import bank_key_space
     from lightmem_exp.rl.answerers import RecallAnswerer
 
     if not args.recall_model:
         raise SystemExit("--answerer recall needs --recall-model (a step2 export/model directory)")
     model = AutoModelForCausalLM.from_pretrained(args.recall_model)
-    pooling = bank_pooling(Path(args.recall_model).parent / "bank")  # a step2 export: model/ beside bank/
+    key_space = bank_key_space(Path(args.recall_model).parent / "bank")  # a step2 export: model/ beside bank/
     return RecallAnswerer(model, AutoTokenizer.from_pretrained(args.recall_model), threshold=args.threshold,
-                          pooling=pooling)
+                          key_space=key_space)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

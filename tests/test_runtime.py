@@ -43,6 +43,9 @@ def test_lightning_lines_print_once_through_the_root_handlers(tmp_path: Path):
         bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
         bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: (offline)")
         bnb.warning("another bitsandbytes warning")
+        import warnings
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`another_property` is deprecated", FutureWarning)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1], check=True)
@@ -52,6 +55,8 @@ def test_lightning_lines_print_once_through_the_root_handlers(tmp_path: Path):
     assert not [line for line in console if "litlogger" in line], console
     assert [line for line in console if "bitsandbytes" in line or "gemm_4bit" in line] == \
         ["[root] another bitsandbytes warning"], console  # only the known-harmless line is dropped
+    assert [line.split(": ", 1)[1] for line in console if "is deprecated" in line] == \
+        ["FutureWarning: `another_property` is deprecated"], console
 
 
 class _Trainer:

@@ -106,12 +106,13 @@ class DataConfig:
     """Dialogue turns per context query in recall_pairs."""
     max_sft: int | None = None
     """Cap on the SFT pool size; null: all."""
-    max_memories: int | None = 32
-    """Memories step1/step2 write into the model, shared evenly by write_splits; null: all. 32 is what step2 writes
-    verbatim in the 30-minute make run."""
-    write_splits: list[str] = field(default_factory=lambda: ["train", "test"])
-    """Whose memories step2 writes: train (memories answering a train question, step1's targets) and the eval split's
-    conversations (the recall model's index: memory text only, never questions), so eval's recall can run."""
+    max_memories: int | None = 48
+    """Memories step1/step2 write into the model, shared evenly by write_splits; null: all. 48 of the test
+    conversations' memories (a seeded sample, questions unseen) are the evidence of 31 LoCoMo test questions, which
+    eval measures recall on (`eval.written_evidence`), and what step2 writes in the 30-minute make run."""
+    write_splits: list[str] = field(default_factory=lambda: ["test"])
+    """Whose memories step2 writes: the eval split's conversations (the recall model's index, like RAG's: memory
+    text only, never questions) and/or train (memories answering a train question, step1's targets)."""
 
     def __post_init__(self) -> None:
         one_of(self, "name", ("locomo", "longmemeval"))
@@ -166,6 +167,11 @@ class Step1Config(EpochTraining):
     (the last token's hidden state, like the `<recall>` query). The bank records it; eval and adrpo re-encode texts
     with it. On smollm2 with frozen keys, mean took val per-conversation recall@5 from 0.228 to 0.398 at the same
     cost (README: step1 variants)."""
+    standardise_keys: bool = True
+    """Centre every key dimension on the bank's mean and divide by its standard deviation before L2 normalisation
+    (queries get the same map; the statistics are saved with the bank). A base model's pooled states share one
+    dominant direction (mean pairwise cosine 0.82 on smollm2), which otherwise swamps both cosine scores and the
+    vectors step2 injects."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -260,7 +266,8 @@ class Step2Config(EpochTraining):
     """Held-out plain conversations for guard/ppl_before and guard/ppl_after."""
     recall_test: RecallTest = field(default_factory=RecallTest)
     demo_size: int = 8
-    """Train-split questions for demo.jsonl (question -> <recall> -> memory -> continuation)."""
+    """Questions about written memories for demo.jsonl (question -> <recall> -> memory -> continuation): train-split
+    ones when step2 wrote train memories, else from the split it wrote."""
     demo_max_new_tokens: int = 96
     packing: Packing = field(default_factory=Packing)
     ckpt_every_n_steps: int | None = 200
@@ -734,6 +741,20 @@ class EvalRecall:
 
 
 @dataclass
+class WrittenEvidence:
+    """Questions whose evidence memory step2 wrote (its export bank): the only ones the recall model can answer from
+    what it wrote. Every such question of the split is answered by `methods`, the sampled ones and the rest, and
+    reported in a table of its own (`written/<method>/*`, with intervals and the paired difference vs closed_book);
+    the main table stays the sample. Needs a step2 export with a bank."""
+
+    enabled: bool = True
+    methods: list[str] = field(default_factory=lambda: ["closed_book", "rag_bm25", "rag_dense", "recall"])
+
+    def __post_init__(self) -> None:
+        subset(self, "methods", EVAL_METHODS)
+
+
+@dataclass
 class EvalUpdates:
     max: int = 16
     """Test-split update_decisions rows through local_hf_lora (base and sft adapter); 0: skip."""
@@ -820,6 +841,7 @@ class EvalConfig:
     rag: RagConfig = field(default_factory=RagConfig)
     session_rank: SessionRankConfig = field(default_factory=SessionRankConfig)
     recall: EvalRecall = field(default_factory=EvalRecall)
+    written_evidence: WrittenEvidence = field(default_factory=WrittenEvidence)
     update_decisions: EvalUpdates = field(default_factory=EvalUpdates)
     judge: Judge = field(default_factory=Judge)
     headline: Headline = field(default_factory=Headline)

@@ -398,7 +398,7 @@ class EvalContext:
                (data.write_splits; with data.max_memories a sample of them, so the others cannot be recalled);
         step1  the step1 bank's vectors of every memory of this conversation, written or not;
         encode this conversation's memories encoded by the step2 model itself (data that step1 never saw)."""
-        from lightmem_exp.models.memory_bank import MemoryBank, export_pooling
+        from lightmem_exp.models.memory_bank import MemoryBank, export_key_space
 
         index = self.index(conv)
         source = str(self.st.recall.bank)
@@ -407,7 +407,7 @@ class EvalContext:
         if source == "encode":
             lm = self.lm("step2")
             bank = MemoryBank.build(lm.model, lm.tokenizer, [{"id": m["id"], "text": m["text"]} for m in conv.memories],
-                                    progress=False, pooling=export_pooling(self.upstream["step2"]))
+                                    progress=False, key_space=export_key_space(self.upstream["step2"]))
         else:
             if source not in self._full_banks:
                 path = self.upstream["step2"].path("bank") if source == "export" else self.step1_manifest().path("bank")
@@ -423,9 +423,7 @@ class EvalContext:
             if source == "export" and len(missing) == len(conv.memories):
                 raise UpstreamError(f"{full.path}: step2 wrote no memory of {conv.conv_id}; add its split to "
                                     "data.write_splits of the step1/step2 run, or use eval.recall.bank=step1|encode")
-            rows = [row[m["id"]] for m in conv.memories if m["id"] in row]
-            bank = MemoryBank(full.vectors[rows], [full.entries[i] for i in rows], embed_scale=full.embed_scale,
-                              model_name=full.model_name, normalize=False, pooling=full.pooling)
+            bank = full.subset([row[m["id"]] for m in conv.memories if m["id"] in row])
         if len(bank) == 0:
             raise LmxError(f"recall.bank={source}: the bank for {conv.conv_id} is empty")
         index.banks[source] = bank

@@ -29,6 +29,7 @@ from lightmem_exp.eval.stats import bootstrap_ci, paired_bootstrap
 from lightmem_exp.retrieval import ranking_metrics
 
 LOCOMO_CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+WRITTEN = "written"  # metric prefix of the questions whose evidence step2 wrote (eval.written_evidence)
 COST_KEYS = ("prompt_tokens", "generated_tokens", "scoring_tokens", "processed_tokens", "latency_s", "peak_mem_mb")
 REFERENCE = "closed_book"  # paired differences and added prompt tokens are taken against the question alone
 # Issue 13: recall's added prompt tokens over closed_book at most a tenth of rag_dense's, at rag.k = 5.
@@ -422,6 +423,23 @@ def uncertainty_lines(benchmark: str, metrics: dict, methods: Sequence[str], con
     return lines
 
 
+def written_evidence_lines(benchmark: str, ks: Sequence[int], metrics: dict, confidence: float,
+                           resamples: int) -> list[str]:
+    """The main and uncertainty tables again, on the questions whose evidence memory step2 wrote (`written/*`)."""
+    prefix = WRITTEN + "/"
+    sub = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    methods = list(dict.fromkeys(k.split("/")[0] for k in sub if k.endswith("/n")))
+    if not methods:
+        return []
+    cols = _present(main_columns(benchmark, ks), sub, methods)
+    lines = ["", "## Questions whose evidence memory step2 wrote", "",
+             "Every question of the split citing a memory the recall model wrote (in the sample or not), answered by "
+             "the methods below: the recall model can only answer from memory here. Metrics `written/<method>/*`.",
+             "", markdown_table(["method", "n", *[h for h, _ in cols]], method_rows(cols, sub, methods))]
+    body = uncertainty_lines(benchmark, sub, methods, confidence, resamples)
+    return lines + ["", *(f"#{line}" if line.startswith("##") else line for line in body)]
+
+
 def _n(metrics: dict, method: str, key: str) -> int:
     """Questions behind `key`: every question, or for `answerable/f1` those outside category 5."""
     n = metrics.get(f"{method}/n", 0)
@@ -460,6 +478,7 @@ def render_report(*, benchmark: str, ks: Sequence[int], metrics: dict, methods_r
                                         method_rows(cols, metrics, methods_run)))
     else:
         lines.append("No method was run.")
+    lines += written_evidence_lines(benchmark, ks, metrics, confidence, resamples)
     lines += ["", "## Not run", ""]
     if not_run or missing_upstream:
         for m, why in not_run.items():

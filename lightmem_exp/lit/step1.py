@@ -1,6 +1,7 @@
 """Step1 training: the `<recall>` hidden state learns to retrieve its memory among the training keys.
 
-Keys are the same representation a bank stores (the key text's last hidden states pooled by `key_pooling`).
+Keys are the same representation a bank stores (the key text's last hidden states pooled and mapped by the bank's
+`KeySpace`); queries, the `<recall>` token's last hidden state, go through the same map, as in `MemoryHead`.
 - frozen keys (`refresh_keys=false`): the base model's key vectors, encoded once; negatives are the whole key
   set (`negatives=bank`) or the batch's positives (`in_batch`).
 - refreshed keys (`refresh_keys=true`): the key side trains too, as a dual encoder: the batch's positive keys are
@@ -11,34 +12,39 @@ Keys are the same representation a bank stores (the key text's last hidden state
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lightmem_exp.data.recall_queries import collate_queries
 from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, adamw_cosine
-from lightmem_exp.models.memory_bank import pooled_hidden
+from lightmem_exp.models.memory_bank import KeySpace, last_token_hidden, pooled_hidden
 from lightmem_exp.models.recall_loss import recall_contrastive_loss
 
 
 class RecallQueryModule(TrainableOnlyCheckpoint):
     def __init__(self, model: torch.nn.Module, key_token_ids: list[list[int]], *, pad_id: int, temperature: float,
                  negatives: str, refresh_keys: bool, lr: float, weight_decay: float, warmup_ratio: float,
-                 encode_batch_size: int = 64, key_pooling: str = "last"):
+                 encode_batch_size: int = 64, key_space: KeySpace | None = None):
         super().__init__()
         self.model = model
         self.key_token_ids, self.pad_id, self.encode_batch_size = key_token_ids, pad_id, encode_batch_size
         self.temperature, self.negatives, self.refresh_keys = temperature, negatives, refresh_keys
-        self.key_pooling = key_pooling
+        self.key_space = key_space or KeySpace()
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.register_buffer("key_cache", torch.empty(0), persistent=False)
-        self.save_hyperparameters(ignore=["model", "key_token_ids"])
+        self.save_hyperparameters(ignore=["model", "key_token_ids", "key_space"])
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
-        """Unit vectors [B, H]: the last-layer hidden state pooled (queries: at the last token, `<recall>`)."""
-        return F.normalize(pooled_hidden(self.model, input_ids, attention_mask, pooling).float(), dim=-1)
+    def query_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last token's (`<recall>`) last-layer hidden state [B, H], as generation reads it (`MemoryBank.topk`
+        maps it into the key space)."""
+        return last_token_hidden(self.model, input_ids, attention_mask)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Query unit vectors [B, H]: `query_hidden` in the key space."""
+        return self.key_space(self.query_hidden(input_ids, attention_mask))
 
     def _encode_keys(self, key_idx: list[int]) -> torch.Tensor:
         b = collate_queries([{"input_ids": self.key_token_ids[i], "targets": []} for i in key_idx], self.pad_id)
-        return self.encode(b["input_ids"].to(self.device), b["attention_mask"].to(self.device), self.key_pooling)
+        ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
+        return self.key_space(pooled_hidden(self.model, ids, mask, self.key_space.pooling))
 
     @torch.no_grad()
     def refresh_key_cache(self) -> None:

@@ -1,7 +1,8 @@
 """MemoryHead: the recall counterpart of `lm_head` — a query hidden state in, one logit per memory out.
 
 logits[b, n] = cos(hidden[b], bank[n]) = normalize(hidden[b]) · bank[n], bank rows already unit-norm. No softmax:
-the logits go through the same LogitsProcessorList (temperature / top-k / top-p) as token logits.
+the logits go through the same LogitsProcessorList (temperature / top-k / top-p) as token logits. A bank of
+standardised keys (`KeySpace`) gives its `center`/`scale`: the query is standardised the same way first.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ NUMPY_BLAS_MIN_ELEMENTS = 1 << 25
 class MemoryHead(nn.Module):
     """Cosine-similarity head over a fixed bank of unit vectors `[N, H]` (kept float32 and contiguous)."""
 
-    def __init__(self, vectors: torch.Tensor):
+    def __init__(self, vectors: torch.Tensor, center: torch.Tensor | None = None, scale: torch.Tensor | None = None):
         super().__init__()
         if vectors.ndim != 2:
             raise ValueError(f"MemoryHead expects vectors [N, H], got {tuple(vectors.shape)}")
         # Non-persistent: the bank is saved as its own artifact, never inside a model checkpoint.
         # `.to(float32).contiguous()` is a no-op for a bank's CPU tensor, so the head shares its storage.
         self.register_buffer("vectors", vectors.detach().to(torch.float32).contiguous(), persistent=False)
+        self.standardised = center is not None
+        if self.standardised:
+            self.register_buffer("center", center.detach().to(torch.float32), persistent=False)
+            self.register_buffer("scale", scale.detach().to(torch.float32), persistent=False)
 
     @property
     def num_memories(self) -> int:
@@ -43,7 +48,10 @@ class MemoryHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden [..., H]` (any dtype) -> cosine logits `[..., N]` float32."""
-        query = F.normalize(hidden.to(self.vectors.dtype), dim=-1)
+        query = hidden.to(self.vectors.dtype)
+        if self.standardised:
+            query = (query - self.center) / self.scale
+        query = F.normalize(query, dim=-1)
         flat = query.reshape(-1, query.shape[-1])
         cpu_inference = flat.device.type == "cpu" and not flat.requires_grad
         bank_elements = self.vectors.numel()

@@ -132,7 +132,7 @@ class RecallAnswerer:
     name = "recall"
 
     def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens: int = 32, threshold: float = 1.0,
-                 batch_size: int = 16, pooling: str = "last"):
+                 batch_size: int = 16, key_space: Any = None):
         from lightmem_exp.models.loading import require_memory_tokens
         from lightmem_exp.models.memory_bank import measure_embed_scale
 
@@ -140,7 +140,7 @@ class RecallAnswerer:
         self.ids = require_memory_tokens(tokenizer, getattr(model, "name_or_path", "recall model"))
         self.embed_scale = measure_embed_scale(model)
         self.max_new_tokens, self.threshold, self.batch_size = max_new_tokens, threshold, batch_size
-        self.pooling = pooling  # the step2 bank's: units are encoded as its memories were
+        self.key_space = key_space  # the step2 bank's KeySpace: units are encoded as its memories were
         self.vectors: dict[str, Any] = {}  # unit text -> bank vector
         self.lock = threading.Lock()  # one generation at a time (the reward server is threaded)
 
@@ -151,7 +151,7 @@ class RecallAnswerer:
         if missing:
             bank = MemoryBank.build(self.model, self.tokenizer, [{"id": str(i), "text": t}
                                                                  for i, t in enumerate(missing)], progress=False,
-                                   pooling=self.pooling)
+                                   key_space=self.key_space)
             for t, v in zip(missing, bank.vectors, strict=True):
                 self.vectors[t] = v.clone()
 
@@ -174,7 +174,8 @@ class RecallAnswerer:
             return QAScore([False] * n, [0.0] * n, [0.0] * n, [None] * n)
         self._encode([u.content for u in units])
         bank = MemoryBank(torch.stack([self.vectors[u.content] for u in units]),
-                          [{"id": u.id, "text": u.content} for u in units], embed_scale=self.embed_scale)
+                          [{"id": u.id, "text": u.content} for u in units], embed_scale=self.embed_scale,
+                          key_space=self.key_space)
         by_id = {u.id: u for u in units}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(questions), self.batch_size):

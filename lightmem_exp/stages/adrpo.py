@@ -41,7 +41,7 @@ from lightmem_exp.logging_utils import make_logger
 from lightmem_exp.memory.ops import Op
 from lightmem_exp.memory.store import MEMORY_TYPES, MemoryStore
 from lightmem_exp.models.loading import attach_lora, load_model, load_tokenizer, pretrained_model_cfg, save_adapter
-from lightmem_exp.models.memory_bank import export_pooling
+from lightmem_exp.models.memory_bank import export_key_space
 from lightmem_exp.retrieval import TextEmbedder
 from lightmem_exp.rl.answerers import ApiAnswerer, LocalAnswerer, RecallAnswerer, RewardError
 from lightmem_exp.rl.api_client import ChatClient
@@ -106,7 +106,7 @@ def _service(cfg: DictConfig, sdir: Path, embedder, device: str | None, step2: M
         mcfg = _step2_model_cfg(cfg, step2)
         answerer = RecallAnswerer(load_model(mcfg, cfg.paths.data, device=device), load_tokenizer(mcfg, cfg.paths.data),
                                   max_new_tokens=rw.recall.max_new_tokens, threshold=rw.local.threshold,
-                                  pooling=export_pooling(step2))
+                                  key_space=export_key_space(step2))
     return InProcessRewards(answerer), {"answerer": rw.answerer}
 
 

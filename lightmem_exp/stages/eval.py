@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lightmem_exp.artifacts import Manifest, git_sha, load_manifest, read_json, write_jsonl, write_text
+from lightmem_exp.artifacts import Manifest, git_sha, load_manifest, read_json, read_jsonl, write_jsonl, write_text
 from lightmem_exp.config.schema import EvalConfig, Headline
 from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.errors import UpstreamError
@@ -75,6 +75,13 @@ def conversations_of(splits: dict[str, list[str]], artifacts: dict[str, list[dic
     group = lambda rows: {c: [r for r in rows if r["conv_id"] == c] for c in conv_ids}  # noqa: E731
     by_q, by_m, by_s = group(qa), group(memories), group(sessions)
     return [Conversation(c, by_m[c], by_s[c], select_questions(by_q[c], cap, seed)) for c in conv_ids]
+
+
+def written_evidence_questions(convs: list[Conversation], qa: list[dict], written: set[str]) -> list[Conversation]:
+    """Per conversation, every question whose evidence includes a written memory, in the data's order."""
+    return [Conversation(c.conv_id, c.memories, c.sessions,
+                         [q for q in qa if q["conv_id"] == c.conv_id and written & set(q["evidence_memory_ids"])])
+            for c in convs]
 
 
 def _update_rows(data: Manifest, convs: list[Conversation], cap: int, seed: int) -> list[dict]:
@@ -136,6 +143,7 @@ class EvalRecipe(Recipe):
         self.started = time.perf_counter()
         self.missing: dict[str, str] = {}         # optional upstream -> why it is not available
         self.convs: list[Conversation] = []
+        self.written_convs: list[Conversation] = []  # questions whose evidence step2 wrote (eval.written_evidence)
         self.benchmark = ""
         self.update_rows: list[dict] = []
         self.ctx: EvalContext | None = None
@@ -176,6 +184,12 @@ class EvalRecipe(Recipe):
             log.warning("eval: upstream %s not available: %s", name, why)
         self.convs = build_conversations(data, a.split, a.max_questions_per_conv, seed)
         self.benchmark = report.benchmark_of([q for c in self.convs for q in c.questions])
+        step2 = self.inputs.get("step2")
+        if a.written_evidence.enabled and step2 is not None and "bank" in step2.outputs:
+            from lightmem_exp.models.memory_bank import ENTRIES_FILE
+
+            written = {e["id"] for e in read_jsonl(step2.path("bank") / ENTRIES_FILE)}
+            self.written_convs = written_evidence_questions(self.convs, read_artifact(data, "qa"), written)
         if "sft" in self.inputs and a.update_decisions.max > 0:
             self.update_rows = _update_rows(data, self.convs, a.update_decisions.max, seed)
         return self.convs
@@ -213,6 +227,8 @@ class EvalRecipe(Recipe):
                 self.setup_s[f"{group}_model_load"] = time.perf_counter() - t0
             for m in group_methods:
                 self._run_method(m)
+                if m.name in self.args.written_evidence.methods:
+                    self._run_written_extra(m)
             if group == "sft" and rows:
                 self._measure_updates("sft", "sft_adapter")
             if group != "base" or not sft_next:
@@ -228,7 +244,13 @@ class EvalRecipe(Recipe):
             r["scores"] = report.score_record(r, self.benchmark)
         if self.args.judge.enabled:
             self.judge_info = self._judge()
-        self.metrics = summarize(self.args, self.records, self.benchmark, self.cfg.seed)
+        self.metrics = summarize(self.args, [r for r in self.records if r["sampled"]], self.benchmark, self.cfg.seed)
+        written = {(q["conv_id"], q["id"]) for c in self.written_convs for q in c.questions}
+        methods = self.args.written_evidence.methods
+        subset = [r for r in self.records if (r["conv_id"], r["id"]) in written and r["method"] in methods]
+        if subset:
+            self.metrics.update({f"{report.WRITTEN}/{k}": v
+                                 for k, v in summarize(self.args, subset, self.benchmark, self.cfg.seed).items()})
         for name, v in self.update.items():
             self.metrics.update({f"update/{name}/{k}": float(x) for k, x in v.items()})
         self.headline = choose_headline(self.args.headline, self.metrics, list(self.args.methods), self.ran,
@@ -278,10 +300,21 @@ class EvalRecipe(Recipe):
 
     def _run_method(self, m: Method) -> None:
         recs, stats = run_method(m, self.convs, batch_size=self.args.batch_size, progress=bool(self.cfg.progress))
-        self.records += recs
+        self.records += [{**r, "sampled": True} for r in recs]
         self.run_stats[m.name] = {**{k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()},
                                   "seconds_per_question": round((stats["prepare_seconds"] + stats["answer_seconds"])
                                                                 / max(len(recs), 1), 3)}
+
+    def _run_written_extra(self, m: Method) -> None:
+        """The written-evidence questions outside the sample (`sampled: false`: they stay out of the main table)."""
+        sampled = {(q["conv_id"], q["id"]) for c in self.convs for q in c.questions}
+        extra = [Conversation(c.conv_id, c.memories, c.sessions,
+                              [q for q in c.questions if (q["conv_id"], q["id"]) not in sampled])
+                 for c in self.written_convs]
+        recs, stats = run_method(m, extra, batch_size=self.args.batch_size, progress=bool(self.cfg.progress))
+        self.records += [{**r, "sampled": False} for r in recs]
+        self.run_stats[m.name]["written_extra_questions"] = len(recs)
+        self.run_stats[m.name]["written_extra_seconds"] = round(stats["prepare_seconds"] + stats["answer_seconds"], 2)
 
     def _measure_updates(self, group: str, label: str) -> None:
         """Update-decision parse rate and accuracy through the local_hf_lora backend on the `group` model."""
@@ -341,6 +374,11 @@ class EvalRecipe(Recipe):
                                  f"decode recall.memory_tokens={a.recall.memory_tokens} more for the recalled memory "
                                  f"(recall.bank={a.recall.bank})")
         out["bootstrap"] = f"{a.bootstrap.resamples} resamples, {a.bootstrap.confidence:.0%} intervals, seed {seed}"
+        if self.written_convs:
+            per_conv = ", ".join(f"{c.conv_id}: {len(c.questions)}" for c in self.written_convs)
+            out["written evidence"] = (f"{sum(len(c.questions) for c in self.written_convs)} questions of the split "
+                                       f"cite a memory step2 wrote ({per_conv}); answered by "
+                                       f"{', '.join(a.written_evidence.methods)}")
         return out
 
     def _render(self, settings: dict[str, str]) -> str:
@@ -360,6 +398,7 @@ class EvalRecipe(Recipe):
         run_stats = self.run_stats
         return {"benchmark": self.benchmark, "split": self.args.split, "conversations": [c.conv_id for c in self.convs],
                 "questions": {c.conv_id: [q["id"] for q in c.questions] for c in self.convs},
+                "written_evidence_questions": {c.conv_id: [q["id"] for q in c.questions] for c in self.written_convs},
                 "methods_run": self.ran, "not_run": self.not_run, "missing_upstream": self.missing,
                 "headline": self.headline, "settings": settings, "methods": run_stats, "judge": self.judge_info,
                 "setup_seconds": {k: round(v, 2) for k, v in self.setup_s.items()},

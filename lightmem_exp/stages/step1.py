@@ -83,7 +83,7 @@ def query_topk(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pa
     q = []
     for i in range(0, len(rows), batch_size):
         b = collate_queries(rows[i : i + batch_size], pad_id)
-        q.append(module.encode(b["input_ids"].to(module.device), b["attention_mask"].to(module.device)).cpu())
+        q.append(module.query_hidden(b["input_ids"].to(module.device), b["attention_mask"].to(module.device)).cpu())
     module.train(was_training)
     return bank.topk(torch.cat(q), k)[1].tolist()
 
@@ -155,7 +155,8 @@ class Step1Recipe(Recipe):
             for j, s in enumerate(self.draw.items)
         ]
         self.bank = MemoryBank.build(self.model, tokenizer, self.memories, batch_size=a.bank_batch_size,
-                                     progress=self.cfg.progress, pooling=a.key_pooling)
+                                     progress=self.cfg.progress, pooling=a.key_pooling,
+                                     standardise=a.standardise_keys)
         row_of = {mid: i for i, mid in enumerate(self.bank.ids)}
         self.val_pairs = [p for p in self.pairs if p["conv_id"] in val_convs and p["query_kind"] == "question"
                           and any(m in row_of for m in p["memory_ids"])]
@@ -172,7 +173,7 @@ class Step1Recipe(Recipe):
         self.module = RecallQueryModule(
             self.model, self.key_ids, pad_id=self.tokenizer.pad_token_id, temperature=a.temperature,
             negatives=a.negatives, refresh_keys=a.refresh_keys, lr=a.lr, weight_decay=a.weight_decay,
-            warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size, key_pooling=a.key_pooling)
+            warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size, key_space=self.bank.key_space)
 
     def train(self) -> None:
         """Lightning fit from the stage's own checkpoint when one exists; untrained val recall first."""
@@ -191,7 +192,7 @@ class Step1Recipe(Recipe):
         self.stats["throughput"] = throughput_stats(self.trainer, self.model)
         if a.refresh_keys:  # the keys moved with the model: the exported bank is re-encoded by the trained model
             self.bank = MemoryBank.build(self.model, self.tokenizer, self.memories, batch_size=a.bank_batch_size,
-                                         progress=cfg.progress, pooling=a.key_pooling)
+                                         progress=cfg.progress, key_space=self.bank.key_space)
 
     def evaluate(self) -> None:
         """Val recall@k / MRR of the trained queries against the whole bank, then per conversation on val and test
@@ -231,8 +232,7 @@ class Step1Recipe(Recipe):
             queries = [{"input_ids": user_query_ids(self.tokenizer, p["query"], recall, self.args.max_query_tokens),
                         "targets": []} for p in pairs]
             positives += [{local[m] for m in p["memory_ids"] if m in local} for p in pairs]
-            bank = MemoryBank(self.bank.vectors[rows], [self.bank.entries[i] for i in rows],
-                              embed_scale=self.bank.embed_scale, normalize=False)
+            bank = self.bank.subset(rows)
             ranked["recall"] += query_topk(self.module, queries, bank, pad_id, self.args.batch_size, max(ks))
             texts, questions = [self.bank.entries[i]["text"] for i in rows], [p["query"] for p in pairs]
             for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
@@ -262,4 +262,5 @@ class Step1Recipe(Recipe):
             "written_memories": len(self.written), "written_per_split": dict(Counter(m["split"] for m in self.written)),
             "think_samples": len(self.draw.items), "val_questions": len(self.val_rows), "bank_size": len(self.bank),
             "memory_tokens_added": self.tok_ids.added,
-            "bank_vectors": "re-encoded by the trained model" if self.args.refresh_keys else "frozen base model"})
+            "bank_vectors": "re-encoded by the trained model" if self.args.refresh_keys else "frozen base model",
+            "bank_key_space": {"pooling": self.bank.pooling, "standardised": self.bank.key_space.standardised}})

@@ -108,9 +108,11 @@ def _unwritten_sample(bank: MemoryBank, written_ids: set[str], n: int, seed: int
 
 
 def _demo_rows(pairs: list[dict], splits: dict, written_ids: set[str], n: int, seed: int) -> list[dict]:
+    """Questions about written memories, from the train split when step2 wrote train memories (else from the split
+    it wrote: a showcase of the path, the measurement is eval's `written/recall/*`)."""
+    rows = [p for p in pairs if p.get("query_kind") == "question" and any(m in written_ids for m in p["memory_ids"])]
     train = set(splits["train"])
-    rows = [p for p in pairs if p["conv_id"] in train and p.get("query_kind") == "question"
-            and any(m in written_ids for m in p["memory_ids"])]
+    rows = [p for p in rows if p["conv_id"] in train] or rows
     return random.Random(f"step2-demo/{seed}").sample(rows, min(n, len(rows)))
 
 
@@ -265,11 +267,8 @@ class Step2Recipe(Recipe):
             save_adapter(self.model, tmp)
         del self.lit_module, self.model, self.trainer
         export_merged(self.cfg, export / "adapter", self.tokenizer, export / "model")
-        bank, rows = self.bank, self.bank_rows
-        bank_out = MemoryBank(bank.vectors[rows], [bank.entries[i] for i in rows], embed_scale=bank.embed_scale,
-                              model_name=bank.model_name, normalize=False, pooling=bank.pooling)
         with atomic_dir(export / "bank") as tmp:
-            bank_out.save(tmp)
+            self.bank.subset(self.bank_rows).save(tmp)
         self.outputs = {"model": "export/model", "tokenizer": "export/model", "bank": "export/bank",
                         "adapter": "export/adapter", "epoch_draws": DRAWS_FILE, "recall": "recall.jsonl",
                         "demo": "demo.jsonl"}
@@ -308,7 +307,7 @@ def export_merged(cfg: DictConfig, adapter_dir: Path, tokenizer, out_dir: Path) 
 @torch.no_grad()
 def run_demo(model_dir: Path, bank_dir: Path, pairs: list[dict], splits: dict, args: Step2Config,
              seed: int) -> list[dict]:
-    """Train-split questions about written memories: the prompt ends with `<recall>`, so the Memory Head picks a
+    """Questions about written memories (`_demo_rows`): the prompt ends with `<recall>`, so the Memory Head picks a
     memory from the exported bank, its vector is injected, and the model continues (`generate_with_recall`)."""
     bank = MemoryBank.load(bank_dir)
     rows = _demo_rows(pairs, splits, set(bank.ids), args.demo_size, seed)

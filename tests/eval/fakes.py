@@ -83,8 +83,7 @@ def make_step1_step2(root: Path, cfg: DictConfig, memories: list[dict], written:
     model.save_pretrained(str(export / "model"))
     tok.save_pretrained(str(export / "model"))
     keep = [i for i, m in enumerate(memories) if sum(x["conv_id"] == m["conv_id"] for x in memories[:i]) < written]
-    MemoryBank(bank.vectors[keep], [bank.entries[i] for i in keep], embed_scale=bank.embed_scale,
-               model_name=bank.model_name, normalize=False).save(export / "bank")
+    bank.subset(keep).save(export / "bank")
     write_manifest(step2, Manifest(stage="step2", seed=0, inputs={"step1": m1.ref()},
                                    outputs={"model": "export/model", "tokenizer": "export/model",
                                             "bank": "export/bank"}, stats={"end_marker": "</memory>"}))

@@ -6,7 +6,7 @@ from lightmem_exp.data.recall_queries import collate_queries, user_query_ids
 from lightmem_exp.lit.step1 import RecallQueryModule
 from lightmem_exp.lit.trainer import decay_groups
 from lightmem_exp.models.loading import attach_lora, ensure_memory_tokens, load_model, load_tokenizer
-from lightmem_exp.models.memory_bank import bank_token_ids
+from lightmem_exp.models.memory_bank import MemoryBank, bank_token_ids
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 TEXTS = ["Caroline went to a support group.", "Melanie painted a sunrise.", "Jon lost his job as a banker."]
@@ -79,3 +79,22 @@ def _step_no_refresh(module, batch):
     module.train()
     module.training_step(batch, 0).backward()
     opt.step()
+
+
+def test_keys_and_queries_live_in_the_bank_key_space(small_model_cfg, data_root):
+    tok = load_tokenizer(small_model_cfg, data_root)
+    model = load_model(small_model_cfg, data_root)
+    ids = ensure_memory_tokens(model, tok)
+    bank = MemoryBank.build(model, tok, [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)], progress=False,
+                            pooling="mean", standardise=True)
+    module = RecallQueryModule(model, bank_token_ids(tok, TEXTS), pad_id=tok.pad_token_id, temperature=0.1,
+                               negatives="bank", refresh_keys=False, lr=1e-2, weight_decay=0.0, warmup_ratio=0.0,
+                               key_space=bank.key_space)
+    module.refresh_key_cache()
+    assert torch.allclose(module.key_cache, bank.vectors, atol=1e-5)  # training keys = the exported bank's
+    rows = [{"input_ids": user_query_ids(tok, q, ids.recall, 64), "targets": []} for q in QUESTIONS]
+    b = collate_queries(rows, tok.pad_token_id)
+    with torch.no_grad():
+        q = module.encode(b["input_ids"], b["attention_mask"])
+        scores = bank.head()(module.query_hidden(b["input_ids"], b["attention_mask"]))
+    assert torch.allclose(q @ bank.vectors.T, scores, atol=1e-5)  # the loss scores what generation's head scores

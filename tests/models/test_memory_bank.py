@@ -12,7 +12,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from lightmem_exp.errors import DataError, LmxError
-from lightmem_exp.models.memory_bank import MemoryBank, bank_pooling, last_token_hidden, measure_embed_scale
+from lightmem_exp.models.memory_bank import (
+    KeySpace,
+    MemoryBank,
+    bank_key_space,
+    last_token_hidden,
+    measure_embed_scale,
+)
 from tests.conftest import random_qwen2
 
 SENTENCES = [
@@ -83,15 +89,62 @@ def test_mean_pooled_vector_is_the_mean_hidden_state_and_is_recorded(model, toke
     assert torch.allclose(bank.vectors[0], F.normalize(hidden, dim=-1), atol=1e-6)
     assert not torch.allclose(bank.vectors, MemoryBank.build(model, tokenizer, entries()[:1], progress=False).vectors)
     bank.save(tmp_path / "bank")
-    assert MemoryBank.load(tmp_path / "bank").pooling == "mean" == bank_pooling(tmp_path / "bank")
+    assert MemoryBank.load(tmp_path / "bank").pooling == "mean" == bank_key_space(tmp_path / "bank").pooling
     meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
     del meta["pooling"]  # a bank saved before pooling was a choice
     (tmp_path / "bank" / "bank.json").write_text(json.dumps(meta))
-    assert MemoryBank.load(tmp_path / "bank").pooling == "last" == bank_pooling(tmp_path / "bank")
-    assert bank_pooling(tmp_path / "nowhere") == "last"
+    assert MemoryBank.load(tmp_path / "bank").pooling == "last" == bank_key_space(tmp_path / "bank").pooling
+    assert bank_key_space(tmp_path / "nowhere").pooling == "last"
+    assert not bank_key_space(tmp_path / "bank").standardised
     (tmp_path / "bank" / "bank.json").write_text(json.dumps({**meta, "pooling": "max"}))
     with pytest.raises(DataError, match="field 'pooling'"):
         MemoryBank.load(tmp_path / "bank")
+
+
+def test_standardised_keys_are_the_pooled_states_centred_and_scaled(model, tokenizer, tmp_path):
+    raw = MemoryBank.build(model, tokenizer, entries(), progress=False, pooling="mean")
+    bank = MemoryBank.build(model, tokenizer, entries(), progress=False, pooling="mean", standardise=True)
+    hidden = torch.stack([pooled(model, tokenizer, t) for t in SENTENCES])
+    mean, std = hidden.mean(0), hidden.std(0)
+    assert torch.allclose(bank.vectors, F.normalize((hidden - mean) / std, dim=-1), atol=1e-5)
+    assert torch.allclose(bank.key_space.center, mean, atol=1e-5)
+    assert not torch.allclose(raw.vectors, bank.vectors, atol=1e-3)
+    # a direction every state shares (a pretrained model's) dominates plain keys and vanishes from standardised ones
+    shared = hidden + 50 * torch.randn(hidden.shape[-1], generator=torch.Generator().manual_seed(0))
+    plain = KeySpace("mean")(shared)
+    off = ~torch.eye(len(SENTENCES), dtype=torch.bool)
+    assert (plain @ plain.T)[off].min() > 0.9
+    assert torch.allclose(KeySpace.fit(shared, "mean")(shared), bank.vectors, atol=1e-4)
+    # a query is mapped the same way before the cosine, so a key's own pooled state finds that key
+    assert bank.topk(hidden, 1)[1].squeeze(1).tolist() == list(range(len(SENTENCES)))
+    assert torch.allclose(bank.head()(hidden[:2]), bank.key_space(hidden[:2]) @ bank.vectors.T, atol=1e-5)
+
+    bank.save(tmp_path / "bank")
+    loaded = MemoryBank.load(tmp_path / "bank")
+    assert loaded.key_space.standardised and torch.equal(loaded.key_space.scale, bank.key_space.scale)
+    assert torch.equal(loaded.vectors, bank.vectors)
+    sub = loaded.subset([4, 1])  # a conversation's slice keeps the map, so its queries score the same
+    assert torch.allclose(sub.head()(hidden[:1]), loaded.head()(hidden[:1])[:, [4, 1]])
+    # more texts encoded into the saved space get exactly the vectors the bank holds
+    again = MemoryBank.build(model, tokenizer, entries()[1:3], progress=False, key_space=bank_key_space(tmp_path / "bank"))
+    assert torch.allclose(again.vectors, bank.vectors[1:3], atol=1e-5)
+
+
+def test_standardised_bank_without_its_statistics_is_refused(model, tokenizer, tmp_path):
+    bank = MemoryBank.build(model, tokenizer, entries(), progress=False, standardise=True)
+    bank.save(tmp_path / "bank")
+    save_file({"vectors": bank.vectors}, str(tmp_path / "bank" / "vectors.safetensors"))
+    with pytest.raises(DataError, match="key_center and key_scale"):
+        MemoryBank.load(tmp_path / "bank")
+    with pytest.raises(LmxError, match="at least 2 memories"):
+        KeySpace.fit(torch.ones(1, 4), "mean")
+    with pytest.raises(LmxError, match="both center and scale"):
+        KeySpace("mean", torch.zeros(4))
+
+
+def pooled(model, tokenizer, text: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokenizer(text)["input_ids"]]), output_hidden_states=True).hidden_states[-1][0].mean(0)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

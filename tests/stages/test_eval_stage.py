@@ -10,8 +10,9 @@ import pytest
 
 from lightmem_exp.config.schema import EVAL_METHODS
 from lightmem_exp.errors import ConfigError, UpstreamError
-from lightmem_exp.eval.methods import METHODS
+from lightmem_exp.eval.methods import METHODS, Conversation
 from lightmem_exp.stages import run, validate
+from lightmem_exp.stages.eval import written_evidence_questions
 from tests.eval.fakes import make_sft, make_step1_step2, small_model_overrides
 from tests.eval.test_judge import FakeServer
 
@@ -44,6 +45,14 @@ def test_bad_config_is_rejected_naming_the_key(make_cfg, override, key):
 
 def test_the_config_names_every_method_there_is():
     assert tuple(METHODS) == EVAL_METHODS
+
+
+def test_written_evidence_questions_are_those_citing_a_written_memory():
+    qa = [{"id": f"q{i}", "conv_id": c, "evidence_memory_ids": ev} for i, (c, ev) in
+          enumerate([("a", ["m1"]), ("a", ["m2", "m3"]), ("a", []), ("b", ["m3"]), ("c", ["m1"])])]
+    convs = [Conversation("a", [], [], qa[:1]), Conversation("b", [], [], [])]
+    got = written_evidence_questions(convs, qa, {"m3", "m1"})
+    assert [(c.conv_id, [q["id"] for q in c.questions]) for c in got] == [("a", ["q0", "q1"]), ("b", ["q3"])]
 
 
 def test_eval_is_the_last_stage_of_the_pipeline(make_cfg):
@@ -136,8 +145,17 @@ def test_every_method_with_every_upstream_and_the_judge(make_cfg, tmp_path, smal
     assert 0 <= m.metrics["recall/evidence_in_bank"] <= 1
     n_q = sum(len(v) for v in m.stats["questions"].values())
     preds = [json.loads(line) for line in (sdir / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == len(ALL) * n_q
+    assert len([p for p in preds if p["sampled"]]) == len(ALL) * n_q
     assert len(srv.requests) == len(preds)
+    # every question citing a memory step2 wrote, answered by the written-evidence methods, in a table of its own
+    written = cfg.eval.written_evidence.methods
+    n_w = sum(len(v) for v in m.stats["written_evidence_questions"].values())
+    extra = [p for p in preds if not p["sampled"]]
+    assert n_w > 0 and {p["method"] for p in extra} == set(written)
+    for name in written:
+        assert m.metrics[f"written/{name}/n"] == n_w
+        assert m.metrics[f"written/{name}/f1_ci_low"] <= m.metrics[f"written/{name}/f1"]
+    assert m.metrics["written/recall/evidence_in_bank"] == 1.0  # by construction: the export bank holds the evidence
     judged = [json.loads(line) for line in (sdir / "judge.jsonl").read_text().splitlines()]
     assert len(judged) == len(preds) and all(j["correct"] in (True, False) for j in judged)
     for name in ALL:
@@ -170,6 +188,7 @@ def test_every_method_with_every_upstream_and_the_judge(make_cfg, tmp_path, smal
         assert (sdir / rel).is_file(), rel
     text = (sdir / "report.md").read_text()
     assert "Every requested method ran." in text and "prompt sha256" in text and "| step2 |" in text
+    assert "## Questions whose evidence memory step2 wrote" in text and "written evidence" in m.stats["settings"]
     assert "(`cost/added_prompt_ratio_recall_vs_rag_dense`), goal <= 0.1: " in text
     for path in sdir.rglob("*"):  # the key is read from the environment and never written anywhere
         if path.is_file():

@@ -35,7 +35,7 @@ def test_step1_trains_and_writes_manifest(tmp_path, small_locomo):
     common = ["logger=none", "progress=false", f"data.path={small_locomo}", "data.max_memories=8"]
     r = run_cli("stage=data", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("stage=step1", *common, "step1.max_epochs=1", cwd=tmp_path)
+    r = run_cli("stage=step1", *common, "step1.max_epochs=1", "data.write_splits=[train,test]", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     sdir = tmp_path / "outputs" / "default" / "step1"
     m = json.loads((sdir / "manifest.json").read_text())
@@ -49,8 +49,10 @@ def test_step1_trains_and_writes_manifest(tmp_path, small_locomo):
             for k in ("recall@1", "recall@5", "mrr"):
                 assert 0.0 <= m["metrics"][f"{prefix}{split}_conv/{k}"] <= 1.0
         assert m["metrics"][f"{split}_conv/recall@1"] <= m["metrics"][f"{split}_conv/recall@5"]
-    # keys are mean-pooled by default (on smollm2: val per-conversation recall@5 0.228 -> 0.398 over last-token keys)
-    assert json.loads((sdir / "bank" / "bank.json").read_text())["pooling"] == "mean"
+    # keys are mean-pooled and standardised by default (README: step1 variants on smollm2)
+    meta = json.loads((sdir / "bank" / "bank.json").read_text())
+    assert meta["pooling"] == "mean" and meta["standardised"] is True
+    assert m["stats"]["bank_key_space"] == {"pooling": "mean", "standardised": True}
     assert m["inputs"]["data"]["stage"] == "data"
     assert m["stats"]["written_memories"] == 8 and m["stats"]["think_samples"] == 12
     assert m["stats"]["written_per_split"] == {"train": 4, "test": 4}  # data.write_splits shares the cap evenly

@@ -7,9 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightmem_exp.models.memory_bank import MemoryBank
+from lightmem_exp.stages.step2 import _demo_rows
 from tests.conftest import run_cli
-
-pytestmark = pytest.mark.slow
 
 
 def _data_step1_step2(tmp_path, small_locomo, *step2: str) -> None:
@@ -20,6 +19,7 @@ def _data_step1_step2(tmp_path, small_locomo, *step2: str) -> None:
         assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
     _data_step1_step2(tmp_path, small_locomo, "step2.max_epochs=2", "step2.guard_size=4", "step2.demo_size=2",
                       "step2.demo_max_new_tokens=8", "step2.recall_test.every_n_epochs=1", "step2.unwritten_size=3")
@@ -57,8 +57,20 @@ def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
     assert demo and all(d["recall_trace"] and d["recalled_memory_id"] in bank.ids for d in demo)
 
 
+@pytest.mark.slow
 def test_step2_trains_on_packed_batches(tmp_path, small_locomo):
     _data_step1_step2(tmp_path, small_locomo, "step2.max_epochs=1", "step2.guard_size=0", "step2.demo_size=0",
                       "step2.packing.enabled=true")
     m = json.loads((tmp_path / "outputs" / "default" / "step2" / "manifest.json").read_text())
     assert m["stats"]["packing"]["enabled"] is True and 0.0 <= m["metrics"]["recall/exact_match"] <= 1.0
+
+
+def test_demo_asks_about_written_memories_train_split_first():
+    splits = {"train": ["a"], "test": ["b"]}
+    pairs = [{"conv_id": c, "query_kind": kind, "memory_ids": [m], "query": f"{c}{m}{kind}"}
+             for c, m, kind in [("a", "a1", "question"), ("a", "a2", "question"), ("a", "a1", "context"),
+                                ("b", "b1", "question"), ("b", "b2", "question")]]
+    assert [p["query"] for p in _demo_rows(pairs, splits, {"a1", "b1"}, 5, 0)] == ["aa1question"]
+    # test-only writes (the LoCoMo default): the written split's questions, never a context window
+    assert [p["query"] for p in _demo_rows(pairs, splits, {"b1"}, 5, 0)] == ["bb1question"]
+    assert _demo_rows(pairs, splits, {"zz"}, 5, 0) == []
