@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,8 @@ HARMLESS = (
 HARMLESS_WARNINGS = (
     (FutureWarning, "`is_gradient_checkpointing` is deprecated",
      "PEFT's get_peft_model reads the property transformers 5 renamed; nothing of ours uses it"),
+    (FutureWarning, "`isinstance(treespec, LeafSpec)` is deprecated",
+     "Lightning 2.6's batch-size inference builds torch 2.13's deprecated LeafSpec; nothing of ours uses it"),
 )
 
 
@@ -59,7 +62,7 @@ def quiet_console() -> None:
         if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
             logger.addFilter(_DropMessage(start))
     for category, start, _why in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=f"^{start}", category=category)
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
 
 
 def make_logger(cfg: DictConfig, sdir: Path) -> Logger | None:

@@ -46,6 +46,8 @@ def test_lightning_lines_print_once_through_the_root_handlers(tmp_path: Path):
         import warnings
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`another_property` is deprecated", FutureWarning)
+        from lightning.pytorch.utilities._pytree import _tree_flatten
+        _tree_flatten(3)  # Lightning builds torch's deprecated LeafSpec
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1], check=True)

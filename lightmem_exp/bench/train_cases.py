@@ -104,7 +104,10 @@ def setup(cfg: DictConfig, upstream: Path) -> Setup:
     from lightmem_exp.stages.step2 import Step2Recipe
 
     torch.manual_seed(int(cfg.seed))
-    recipe = Step2Recipe(_view(cfg, "step2", upstream / "step2", step1=upstream / "step1"))
+    view = _view(cfg, "step2", upstream / "step2", step1=upstream / "step1")
+    # The rows compare the decoding step with a plain reference; the query anchor's extra forward is not in either.
+    view.step2.keep_query.weight = 0
+    recipe = Step2Recipe(view)
     recipe.read_upstream()
     dataset = recipe.setup_data()
     dataset.refresh_epoch_data(0)

@@ -228,6 +228,23 @@ class Packing:
 
 
 @dataclass
+class KeepQuery:
+    """step1's retrieval loss added to every step2 step (`QueryAnchor`, lit/step2.py): `batch_size` of step1's
+    training questions (its sample, temperature and query length, read from step1's saved config) against step1's
+    training keys. step2 trains the LoRA that also forms the `<recall>` query; without this the query collapses
+    (smollm2: the Memory Head sent 31 of 32 eval questions to one memory per conversation)."""
+
+    weight: float = 1.0
+    """Multiplier of the retrieval loss; 0: off."""
+    batch_size: int = 4
+    """Questions per step."""
+
+    def __post_init__(self) -> None:
+        number(self, "weight", ge=0)
+        int_min(self, "batch_size", 1)
+
+
+@dataclass
 class Step2Config(EpochTraining):
     """Stage step2: mixed memory SFT (seed 001 §4.3/§5.2). Each memory's step1 bank vector is injected at
     `<|memory_pad|>` and the model learns to decode the memory text from it, in three sample types re-drawn from the
@@ -270,6 +287,7 @@ class Step2Config(EpochTraining):
     ones when step2 wrote train memories, else from the split it wrote."""
     demo_max_new_tokens: int = 96
     packing: Packing = field(default_factory=Packing)
+    keep_query: KeepQuery = field(default_factory=KeepQuery)
     ckpt_every_n_steps: int | None = 200
     """Checkpoint for resuming every this many steps; null: epoch ends only."""
 

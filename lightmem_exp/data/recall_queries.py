@@ -1,4 +1,4 @@
-"""Token sequences that end in `<recall>`, for training and evaluating the recall query (step1).
+"""Token sequences that end in `<recall>`, for training and evaluating the recall query (step1; step2 keeps it).
 
 A query is what the model has read when it emits `<recall>`: a question or dialogue window as a user turn
 followed by the assistant prompt, or an SFT conversation cut right after a `<think>` segment.
@@ -6,6 +6,7 @@ followed by the assistant prompt, or an SFT conversation cut right after a `<thi
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,26 @@ def think_query_ids(tokenizer: PreTrainedTokenizerBase, context: list[dict], rec
     ids = chat_token_ids(tokenizer, context[:-1], add_generation_prompt=True)
     ids += text_token_ids(tokenizer, context[-1]["content"])
     return [*ids, recall_id][-max_tokens:]
+
+
+def answer_memories(memories: Sequence[dict], pairs: Sequence[dict], convs: set[str]) -> list[dict]:
+    """The memories of `convs` that answer at least one of their recall pairs (step1's training keys), in order."""
+    wanted = {mid for p in pairs if p["conv_id"] in convs for mid in p["memory_ids"]}
+    return [m for m in memories if m["conv_id"] in convs and m["id"] in wanted]
+
+
+def pair_query_rows(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], keys: Sequence[dict], convs: set[str],
+                    recall_id: int, max_tokens: int, cap: int | None, seed: int) -> list[dict]:
+    """`<recall>` query rows of the recall pairs of `convs` (questions and dialogue windows) whose memories are among
+    `keys`, targets = their indices in `keys`; a seeded sample of `cap` (None: all)."""
+    key_of = {m["id"]: k for k, m in enumerate(keys)}
+    rows = [{"input_ids": user_query_ids(tokenizer, p["query"], recall_id, max_tokens), "kind": p["query_kind"],
+             "targets": [key_of[m] for m in p["memory_ids"] if m in key_of]}
+            for p in pairs if p["conv_id"] in convs]
+    rows = [r for r in rows if r["targets"]]
+    if cap is not None and len(rows) > cap:
+        rows = random.Random(seed).sample(rows, cap)
+    return rows
 
 
 class RecallQueryDataset(Dataset):

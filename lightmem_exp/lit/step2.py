@@ -8,6 +8,9 @@ plain SFT so that ordinary chat survives.
   so `export/adapter` loads with `load_adapter` on the base like step1's.
 - `MixedMemoryModule`: the training step (vectors injected with `memory_inputs_embeds`, the same function every
   non-generate forward uses), per-epoch re-draw of the dataset, the draw log, the optimizer.
+- `QueryAnchor`: step1's retrieval loss, kept in every step2 step. step2 trains the LoRA that also forms the
+  `<recall>` query, and with the decoding loss alone the query collapses: the Memory Head then sends every question
+  to one memory (README, step2).
 - `sft_perplexity`: the general-ability guard (assistant-token perplexity on held-out conversations).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import torch
 
 from lightmem_exp.artifacts import read_jsonl, write_jsonl
 from lightmem_exp.data.mixed_memory import MixedMemoryCollator, MixedMemorySFTDataset, Sample
+from lightmem_exp.data.recall_queries import collate_queries
 from lightmem_exp.errors import LmxError
 from lightmem_exp.lit.losses import lm_losses, perplexity, reduce_loss
 from lightmem_exp.lit.resume import ResumableLoader
@@ -30,6 +35,8 @@ from lightmem_exp.lit.trainer import TrainableOnlyCheckpoint, adamw_cosine
 from lightmem_exp.models.chat import text_token_ids
 from lightmem_exp.models.injection import memory_inputs_embeds
 from lightmem_exp.models.loading import attach_lora, check_adapter_base, check_adapter_shapes
+from lightmem_exp.models.memory_bank import KeySpace, last_token_hidden
+from lightmem_exp.models.recall_loss import recall_contrastive_loss
 
 log = logging.getLogger(__name__)
 DRAWS_FILE = "epoch_draws.jsonl"
@@ -127,6 +134,32 @@ def sft_perplexity(model: torch.nn.Module, samples: Sequence[Sample], pad_id: in
 # -------------------------------------------------------------------------------------------------- module
 
 
+@dataclass
+class QueryAnchor:
+    """step1's contrastive objective on its training questions (`rows`: `<recall>` queries with key indices) against
+    its frozen training keys (`keys [K, H]`, unit vectors in `key_space`), `batch_size` queries per step drawn from
+    (seed, step) alone, so a resumed run draws the same."""
+
+    rows: list[dict]
+    keys: torch.Tensor
+    key_space: KeySpace
+    weight: float
+    batch_size: int
+    temperature: float
+    pad_id: int
+    seed: int
+
+    def loss(self, model: torch.nn.Module, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        pick = torch.randperm(len(self.rows), generator=g)[: self.batch_size].tolist()
+        b = collate_queries([self.rows[i] for i in pick], self.pad_id)
+        device = next(model.parameters()).device
+        hidden = last_token_hidden(model, b["input_ids"].to(device), b["attention_mask"].to(device))
+        return recall_contrastive_loss(self.key_space(hidden), self.keys.to(device), b["targets"].to(device),
+                                       temperature=self.temperature)
+
+
+
 class MixedMemoryModule(TrainableOnlyCheckpoint):
     """LoRA training on MixedMemorySFTDataset; `memory_vectors [N, H]` are the injection vectors of the written
     memories (`bank.injection_vectors`), indexed by the dataset's memory rows."""
@@ -134,7 +167,7 @@ class MixedMemoryModule(TrainableOnlyCheckpoint):
     def __init__(self, model: torch.nn.Module, dataset: MixedMemorySFTDataset, vectors: torch.Tensor, *,
                  pad_id: int, memory_pad_id: int, batch_size: int, lr: float, weight_decay: float,
                  warmup_ratio: float, loss_reduction: str = "sample", draws_path: str | Path | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, query_anchor: QueryAnchor | None = None):
         super().__init__()
         if loss_reduction not in ("token", "sample"):
             raise LmxError(f"loss_reduction must be 'token' or 'sample', got {loss_reduction!r}")
@@ -144,8 +177,10 @@ class MixedMemoryModule(TrainableOnlyCheckpoint):
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.loss_reduction = loss_reduction
         self.draws_path = Path(draws_path) if draws_path is not None else None
+        self.query_anchor = query_anchor
         self.register_buffer("memory_vectors", vectors.detach().float().clone(), persistent=False)
-        self.save_hyperparameters(ignore=["model", "dataset", "vectors", "draws_path"])  # a Path: not weights_only-loadable
+        # draws_path: a Path is not weights_only-loadable; query_anchor holds tensors and token rows
+        self.save_hyperparameters(ignore=["model", "dataset", "vectors", "draws_path", "query_anchor"])
 
     # ---- data: re-drawn at every epoch start (idempotent per epoch, so a resumed run re-draws the same) -----
 
@@ -192,6 +227,11 @@ class MixedMemoryModule(TrainableOnlyCheckpoint):
         nll, mask = self.sample_losses(batch)
         loss = reduce_loss(nll, mask, self.loss_reduction)
         n = len(batch["kinds"])
+        if self.query_anchor is not None and self.query_anchor.weight > 0:
+            query_loss = self.query_anchor.loss(self.model, self.global_step)
+            self.log("train/query_loss", query_loss, batch_size=self.query_anchor.batch_size)
+            self.log("train/decode_loss", loss, batch_size=n)
+            loss = loss + self.query_anchor.weight * query_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         with torch.no_grad():
             for kind in ("memory_front", "memory_full", "sft_only"):

@@ -9,11 +9,19 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from typing import Any
 
 import torch
 
 from lightmem_exp.artifacts import atomic_dir, read_json, write_json, write_jsonl
-from lightmem_exp.data.recall_queries import RecallQueryDataset, collate_queries, think_query_ids, user_query_ids
+from lightmem_exp.data.recall_queries import (
+    RecallQueryDataset,
+    answer_memories,
+    collate_queries,
+    pair_query_rows,
+    think_query_ids,
+    user_query_ids,
+)
 from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.data.sft_sampling import draw_within_limit, think_segments
 from lightmem_exp.errors import LmxError
@@ -30,20 +38,9 @@ from lightmem_exp.models.loading import (
     prepare_for_kbit_training,
     save_adapter,
 )
-from lightmem_exp.models.memory_bank import MemoryBank, bank_token_ids
+from lightmem_exp.models.memory_bank import MemoryBank, bank_token_ids, last_token_hidden
 from lightmem_exp.retrieval import BM25Retriever, DenseRetriever, ranking_metrics
 from lightmem_exp.stages.base import Recipe, StageResult
-
-
-def select_written_memories(memories: list[dict], pairs: list[dict], train_convs: set[str], cap: int | None,
-                            seed: int) -> list[dict]:
-    """The memories this pipeline writes into the model (step2's set): train-split memories that answer at least
-    one train recall pair, a seeded sample of `cap` of them."""
-    wanted = {mid for p in pairs if p["conv_id"] in train_convs for mid in p["memory_ids"]}
-    chosen = [m for m in memories if m["conv_id"] in train_convs and m["id"] in wanted]
-    if cap is not None and len(chosen) > cap:
-        chosen = sorted(random.Random(seed).sample(chosen, cap), key=lambda m: m["id"])
-    return chosen
 
 
 def written_memories(memories: list[dict], pairs: list[dict], splits: dict[str, list[str]],
@@ -59,7 +56,7 @@ def written_memories(memories: list[dict], pairs: list[dict], splits: dict[str, 
     pools: dict[str, list[dict]] = {}
     for split in write_splits:
         convs = set(splits[split])
-        pools[split] = (select_written_memories(memories, pairs, convs, None, seed) if split == "train"
+        pools[split] = (answer_memories(memories, pairs, convs) if split == "train"
                         else [m for m in memories if m["conv_id"] in convs])
     quota = {s: len(p) for s, p in pools.items()}
     if cap is not None:
@@ -75,23 +72,61 @@ def written_memories(memories: list[dict], pairs: list[dict], splits: dict[str, 
 
 
 @torch.no_grad()
-def query_topk(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
+def query_topk(model: torch.nn.Module, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
                k: int) -> list[list[int]]:
-    """The top-k bank rows of each `<recall>` query (rows of query token ids)."""
-    was_training = module.training
-    module.eval()
+    """The top-k bank rows of each `<recall>` query (rows of query token ids): `model`'s last-layer hidden state at
+    the last token, scored by the bank's Memory Head, as in generation."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
     q = []
     for i in range(0, len(rows), batch_size):
         b = collate_queries(rows[i : i + batch_size], pad_id)
-        q.append(module.query_hidden(b["input_ids"].to(module.device), b["attention_mask"].to(module.device)).cpu())
-    module.train(was_training)
+        q.append(last_token_hidden(model, b["input_ids"].to(device), b["attention_mask"].to(device)).cpu())
+    model.train(was_training)
     return bank.topk(torch.cat(q), k)[1].tolist()
 
 
-def recall_metrics(module: RecallQueryModule, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
+def conversation_retrieval(model: torch.nn.Module, tokenizer: Any, bank: MemoryBank, pairs: list[dict],
+                           convs: list[str], recall_id: int, max_query_tokens: int, batch_size: int,
+                           ks: list[int], baselines: bool = True) -> dict[str, float]:
+    """recall@k / MRR of the questions of `convs`, each searching only its own conversation's memories in `bank` (the
+    bank eval's `recall` searches), micro-averaged over questions: `n`, `recall@k`, `mrr`; with `baselines`, BM25
+    and MiniLM on the same questions and banks: `bm25/*`, `dense/*`."""
+    rows_of: dict[str, list[int]] = {}
+    for i, m in enumerate(bank.entries):
+        rows_of.setdefault(m["conv_id"], []).append(i)
+    ranked: dict[str, list[list[int]]] = {"recall": [], **({"bm25": [], "dense": []} if baselines else {})}
+    positives: list[set[int]] = []
+    for conv in sorted(set(convs) & set(rows_of)):
+        rows = rows_of[conv]
+        local = {bank.entries[i]["id"]: j for j, i in enumerate(rows)}
+        asked = [p for p in pairs if p["conv_id"] == conv and p["query_kind"] == "question"
+                 and any(m in local for m in p["memory_ids"])]
+        if not asked:
+            continue
+        queries = [{"input_ids": user_query_ids(tokenizer, p["query"], recall_id, max_query_tokens), "targets": []}
+                   for p in asked]
+        positives += [{local[m] for m in p["memory_ids"] if m in local} for p in asked]
+        ranked["recall"] += query_topk(model, queries, bank.subset(rows), tokenizer.pad_token_id, batch_size,
+                                       max(ks))
+        if baselines:
+            texts, questions = [bank.entries[i]["text"] for i in rows], [p["query"] for p in asked]
+            for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
+                ranked[name] += retriever.search(questions, max(ks))[0].tolist()
+    if not positives:
+        return {}
+    out = {"n": float(len(positives))}
+    for name, idx in ranked.items():
+        prefix = "" if name == "recall" else f"{name}/"
+        out.update({prefix + k: v for k, v in ranking_metrics(idx, positives, ks).items()})
+    return out
+
+
+def recall_metrics(model: torch.nn.Module, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
                    ks: list[int]) -> dict:
     """recall@k / MRR of `<recall>` queries against every vector of `bank`."""
-    idx = query_topk(module, rows, bank, pad_id, batch_size, max(ks))
+    idx = query_topk(model, rows, bank, pad_id, batch_size, max(ks))
     return ranking_metrics(idx, [set(r["targets"]) for r in rows], ks)
 
 
@@ -140,15 +175,10 @@ class Step1Recipe(Recipe):
             n_tokens=lambda s: len(text_token_ids(tokenizer, s["think"])),
         )
         train_convs, val_convs = set(self.splits["train"]), set(self.splits["val"])
-        key_mems = select_written_memories(self.memories, self.pairs, train_convs, None, seed)
-        key_of = {m["id"]: k for k, m in enumerate(key_mems)}
+        key_mems = answer_memories(self.memories, self.pairs, train_convs)
         self.key_ids = bank_token_ids(tokenizer, [m["text"] for m in key_mems] + [s["think"] for s in self.draw.items])
-        rows = [{"input_ids": user_query_ids(tokenizer, p["query"], recall, a.max_query_tokens),
-                 "kind": p["query_kind"], "targets": [key_of[m] for m in p["memory_ids"] if m in key_of]}
-                for p in self.pairs if p["conv_id"] in train_convs]
-        rows = [r for r in rows if r["targets"]]
-        if a.max_train_queries is not None and len(rows) > a.max_train_queries:
-            rows = random.Random(seed).sample(rows, a.max_train_queries)  # fits the time budget
+        rows = pair_query_rows(tokenizer, self.pairs, key_mems, train_convs, recall, a.max_query_tokens,
+                               a.max_train_queries, seed)  # max_train_queries fits the time budget
         self.train_rows = rows + [
             {"input_ids": think_query_ids(tokenizer, s["context"], recall, a.max_query_tokens), "kind": "think",
              "targets": [len(key_mems) + j]}
@@ -180,7 +210,7 @@ class Step1Recipe(Recipe):
         a, cfg, pad_id = self.args, self.cfg, self.tokenizer.pad_token_id
         if self.val_rows:
             self.metrics.update({f"untrained/{k}": v for k, v in recall_metrics(
-                self.module, self.val_rows, self.bank, pad_id, a.batch_size, list(a.eval_ks)).items()})
+                self.model, self.val_rows, self.bank, pad_id, a.batch_size, list(a.eval_ks)).items()})
         self.logger = make_logger(cfg, self.dir)
         loader = ResumableLoader(RecallQueryDataset(self.train_rows), batch_size=a.batch_size, shuffle=True,
                                  seed=cfg.seed, collate_fn=lambda rows: collate_queries(rows, pad_id))
@@ -202,7 +232,7 @@ class Step1Recipe(Recipe):
             self.metrics.update(self.conversation_retrieval(split))
         if self.val_rows:
             self.metrics.update({f"val/{k}": v for k, v in recall_metrics(
-                self.module, self.val_rows, self.bank, self.tokenizer.pad_token_id, a.batch_size, ks).items()})
+                self.model, self.val_rows, self.bank, self.tokenizer.pad_token_id, a.batch_size, ks).items()})
             texts = [m["text"] for m in self.bank.entries]
             questions = [p["query"] for p in self.val_pairs]
             positives = [set(r["targets"]) for r in self.val_rows]
@@ -213,37 +243,16 @@ class Step1Recipe(Recipe):
         self.metrics["headline"] = self.metrics.get("val/recall@1", float("nan"))
 
     def conversation_retrieval(self, split: str) -> dict[str, float]:
-        """recall@k / MRR of `split`'s questions, each searching only its own conversation's memories (the bank eval's
-        `recall` searches), micro-averaged over questions: `<split>_conv/*`, and BM25 / MiniLM on the same questions
-        and banks: `baseline/{bm25,dense}/<split>_conv/*`. Choose settings on val; test is reported, not tuned on."""
-        ks, pad_id, recall = list(self.args.eval_ks), self.tokenizer.pad_token_id, self.tok_ids.recall
-        rows_of: dict[str, list[int]] = {}
-        for i, m in enumerate(self.bank.entries):
-            rows_of.setdefault(m["conv_id"], []).append(i)
-        ranked: dict[str, list[list[int]]] = {"recall": [], "bm25": [], "dense": []}
-        positives: list[set[int]] = []
-        for conv in sorted(set(self.splits[split]) & set(rows_of)):
-            rows = rows_of[conv]
-            local = {self.bank.entries[i]["id"]: j for j, i in enumerate(rows)}
-            pairs = [p for p in self.pairs if p["conv_id"] == conv and p["query_kind"] == "question"
-                     and any(m in local for m in p["memory_ids"])]
-            if not pairs:
-                continue
-            queries = [{"input_ids": user_query_ids(self.tokenizer, p["query"], recall, self.args.max_query_tokens),
-                        "targets": []} for p in pairs]
-            positives += [{local[m] for m in p["memory_ids"] if m in local} for p in pairs]
-            bank = self.bank.subset(rows)
-            ranked["recall"] += query_topk(self.module, queries, bank, pad_id, self.args.batch_size, max(ks))
-            texts, questions = [self.bank.entries[i]["text"] for i in rows], [p["query"] for p in pairs]
-            for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
-                ranked[name] += retriever.search(questions, max(ks))[0].tolist()
-        if not positives:
-            return {}
-        out = {f"{split}_conv/n": float(len(positives))}
-        for name, idx in ranked.items():
-            prefix = f"{split}_conv/" if name == "recall" else f"baseline/{name}/{split}_conv/"
-            out.update({prefix + k: v for k, v in ranking_metrics(idx, positives, ks).items()})
-        return out
+        """`conversation_retrieval` on `split`: `<split>_conv/*`, with BM25 / MiniLM on the same questions and banks as
+        `baseline/{bm25,dense}/<split>_conv/*`. Choose settings on val; test is reported, not tuned on."""
+        a = self.args
+        out = conversation_retrieval(self.model, self.tokenizer, self.bank, self.pairs, self.splits[split],
+                                     self.tok_ids.recall, a.max_query_tokens, a.batch_size, list(a.eval_ks))
+        named = {}
+        for key, v in out.items():
+            method, _, metric = key.rpartition("/")
+            named[f"baseline/{method}/{split}_conv/{metric}" if method else f"{split}_conv/{metric}"] = v
+        return named
 
     def export(self) -> None:
         """Rank 0: the bank, adapter and tokenizer (each written atomically), the written memories and the draw."""

@@ -18,19 +18,28 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightmem_exp.artifacts import Manifest, atomic_dir, load_manifest, read_json, read_jsonl, write_jsonl
-from lightmem_exp.config.schema import Step2Config
+from lightmem_exp.config.schema import KeepQuery, Step2Config
 from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset, build_sft_only
+from lightmem_exp.data.recall_queries import answer_memories, pair_query_rows
 from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.data.sft_sampling import draw_within_limit
-from lightmem_exp.errors import ConfigError, LmxError
+from lightmem_exp.errors import ConfigError, LmxError, UpstreamError
 from lightmem_exp.lit.recall_test import RecallTestCallback, recall_eval, recall_prompt_ids
-from lightmem_exp.lit.step2 import DRAWS_FILE, MixedMemoryModule, memory_vocab_ids, sft_perplexity, start_from_step1
+from lightmem_exp.lit.step2 import (
+    DRAWS_FILE,
+    MixedMemoryModule,
+    QueryAnchor,
+    memory_vocab_ids,
+    sft_perplexity,
+    start_from_step1,
+)
 from lightmem_exp.lit.step2_packed import PackedMixedMemoryModule
 from lightmem_exp.lit.trainer import make_trainer, resume_path, throughput_stats
 from lightmem_exp.logging_utils import make_logger
@@ -48,6 +57,7 @@ from lightmem_exp.models.loading import (
 )
 from lightmem_exp.models.memory_bank import MemoryBank
 from lightmem_exp.stages.base import Recipe, StageResult, load_upstream
+from lightmem_exp.stages.step1 import conversation_retrieval
 
 
 def lora_config(cfg: DictConfig) -> DictConfig:
@@ -83,13 +93,36 @@ def trainable_token_rows(args: Step2Config, tokenizer, ids: MemoryTokenIds, memo
 
 def mixed_memory_module(args: Step2Config, model: torch.nn.Module, dataset: MixedMemorySFTDataset,
                         vectors: torch.Tensor, *, pad_id: int, memory_pad_id: int, packed: bool,
-                        draws_path: Path | None = None) -> MixedMemoryModule:
+                        draws_path: Path | None = None, query_anchor: QueryAnchor | None = None) -> MixedMemoryModule:
     """The Lightning module step2 trains (`packed`: several samples per row, block-diagonal attention)."""
     extra = {"pack_max_tokens": args.packing.max_tokens, "pack_flatten": args.packing.flatten} if packed else {}
     return (PackedMixedMemoryModule if packed else MixedMemoryModule)(
         model, dataset, vectors, pad_id=pad_id, memory_pad_id=memory_pad_id, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, loss_reduction=args.loss_reduction,
-        draws_path=draws_path, **extra)
+        draws_path=draws_path, query_anchor=query_anchor, **extra)
+
+
+def query_anchor(step1: Manifest, data: Manifest, bank: MemoryBank, tokenizer: Any, recall_id: int,
+                 keep: KeepQuery, seed: int) -> QueryAnchor | None:
+    """step1's training questions and frozen keys (the step1 bank's vectors of its training memories), with step1's
+    own sample, temperature and query length (its saved config)."""
+    if keep.weight == 0:
+        return None
+    saved = step1.dir / "config.yaml"
+    if not saved.is_file():
+        raise UpstreamError(f"{saved}: step1's saved config is missing (step2.keep_query reads its question sample, "
+                            "temperature and query length); rerun step1 or set step2.keep_query.weight=0")
+    s1 = OmegaConf.load(saved).step1
+    pairs, splits = read_artifact(data, "recall_pairs"), read_json(data.path("splits"))
+    train = set(splits["train"])
+    row_of = {mid: i for i, mid in enumerate(bank.ids)}
+    keys = [m for m in answer_memories(read_artifact(data, "memories"), pairs, train) if m["id"] in row_of]
+    rows = pair_query_rows(tokenizer, pairs, keys, train, recall_id, s1.max_query_tokens, s1.max_train_queries, seed)
+    if not rows:
+        raise LmxError(f"step2.keep_query: {data.dir} has no train question whose memory is in {step1.path('bank')}; "
+                       "set step2.keep_query.weight=0")
+    return QueryAnchor(rows, bank.vectors[[row_of[m["id"]] for m in keys]], bank.key_space, keep.weight,
+                       keep.batch_size, float(s1.temperature), tokenizer.pad_token_id, seed)
 
 
 def _guard_set(pool: list[dict], size: int, ds: MixedMemorySFTDataset, seed: int) -> list[dict]:
@@ -162,7 +195,8 @@ class Step2Recipe(Recipe):
         self.marker_ids = self.tokenizer(self.args.end_marker, add_special_tokens=False)["input_ids"]
 
     def setup_data(self) -> MixedMemorySFTDataset:
-        """The mixed memory dataset over the data stage's SFT pool, less the held-out guard conversations."""
+        """The mixed memory dataset over the data stage's SFT pool, less the held-out guard conversations; step1's
+        training questions and keys for the query anchor (`step2.keep_query`)."""
         a, seed = self.args, self.cfg.seed
         pool = read_artifact(self.data, "sft_pool")
         self.dataset = memory_dataset(a, self.tokenizer, pool, self.written, self.tok_ids, seed)
@@ -170,6 +204,8 @@ class Step2Recipe(Recipe):
         guard_ids = {g["index"] for g in self.guard}
         self.dataset.pool = [r for r in self.dataset.pool if r["index"] not in guard_ids]
         self.guard_samples = [build_sft_only(self.dataset.conversation(r)) for r in self.guard]
+        self.anchor = query_anchor(self.step1, self.data, self.bank, self.tokenizer, self.tok_ids.recall,
+                                   a.keep_query, seed)
         return self.dataset
 
     def setup_model(self) -> torch.nn.Module:
@@ -194,7 +230,7 @@ class Step2Recipe(Recipe):
         """The stage's Lightning module over `model`, the dataset and the written memories' vectors."""
         return mixed_memory_module(self.args, model, self.dataset, self.vectors, pad_id=self.tokenizer.pad_token_id,
                                    memory_pad_id=self.tok_ids.memory_pad, packed=packed,
-                                   draws_path=self.dir / DRAWS_FILE)
+                                   draws_path=self.dir / DRAWS_FILE, query_anchor=self.anchor)
 
     def train(self) -> None:
         """Lightning fit from the stage's own checkpoint when one exists, with the recall test every few epochs;
@@ -234,6 +270,12 @@ class Step2Recipe(Recipe):
         if self.guard_samples:
             self.metrics["guard/ppl_after"] = sft_perplexity(model, self.guard_samples, tokenizer.pad_token_id,
                                                              ids.memory_pad, a.batch_size)
+        if self.anchor is not None:  # did the <recall> query survive? step1 reports the same before step2
+            s1 = OmegaConf.load(self.step1.dir / "config.yaml").step1
+            retrieval = conversation_retrieval(model, tokenizer, self.bank, read_artifact(self.data, "recall_pairs"),
+                                               read_json(self.data.path("splits"))["val"], ids.recall,
+                                               s1.max_query_tokens, a.batch_size, list(s1.eval_ks), baselines=False)
+            self.metrics.update({f"query/val_conv/{k}": v for k, v in retrieval.items()})
         scores, recall_rows = recall_eval(model, tokenizer, self.written, self.lit_module.memory_vectors,
                                           prompt_ids=self.prompt_ids, memory_pad_id=ids.memory_pad,
                                           marker_ids=self.marker_ids, max_new_tokens=self.max_new_tokens)

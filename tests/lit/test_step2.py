@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset
+from lightmem_exp.data.recall_queries import user_query_ids
 from lightmem_exp.errors import LmxError
 from lightmem_exp.lit.losses import lm_losses, reduce_loss
 from lightmem_exp.lit.recall_test import RecallTestCallback, recall_eval, recall_prompt_ids, verbatim_match
-from lightmem_exp.lit.step2 import MixedMemoryModule, memory_vocab_ids, sft_perplexity, start_from_step1
+from lightmem_exp.lit.step2 import (
+    MixedMemoryModule,
+    QueryAnchor,
+    memory_vocab_ids,
+    sft_perplexity,
+    start_from_step1,
+)
 from lightmem_exp.models.loading import (
     attach_lora,
     ensure_memory_tokens,
@@ -22,6 +29,7 @@ from lightmem_exp.models.loading import (
     load_tokenizer,
     save_adapter,
 )
+from lightmem_exp.models.memory_bank import MemoryBank
 
 STEP1_LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 STEP2_LORA = {"r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
@@ -176,3 +184,28 @@ def test_recall_eval_scores_verbatim(small_model_cfg, data_root):
     assert set(scores) == {"exact_match", "token_f1"} and len(rows) == 2 and scores["exact_match"] == 0.0
     assert verbatim_match(" Alice  adopted. ", "Alice adopted.") == 1.0
     assert verbatim_match("alice adopted.", "Alice adopted.") == 0.0
+
+
+def test_query_anchor_adds_step1_retrieval_loss_drawn_per_step(small_model_cfg, data_root, tmp_path, step1_adapter):
+    module, tok, ids = _module(small_model_cfg, data_root, tmp_path, step1_adapter)
+    bank = MemoryBank.build(module.model, tok, MEMORIES, progress=False, pooling="mean", standardise=True)
+    rows = [{"input_ids": user_query_ids(tok, f"Which dog is number {i}?", ids.recall, 32), "targets": [i]}
+            for i in range(len(MEMORIES))]
+    anchor = QueryAnchor(rows, bank.vectors, bank.key_space, weight=0.5, batch_size=2, temperature=0.05,
+                         pad_id=tok.pad_token_id, seed=0)
+    with torch.no_grad():
+        assert torch.equal(anchor.loss(module.model, 3), anchor.loss(module.model, 3))  # a resumed step draws the same
+        assert not torch.equal(anchor.loss(module.model, 3), anchor.loss(module.model, 4))
+    module.dataset.refresh_epoch_data(0)
+    batch = module.collator([module.dataset[i] for i in range(3)])
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value.detach()))
+    decode = float(module.training_step(batch, 0))
+    module.query_anchor = anchor
+    total = module.training_step(batch, 0)
+    assert logged["train/decode_loss"] == pytest.approx(decode, rel=1e-5)
+    assert float(total) == pytest.approx(decode + 0.5 * logged["train/query_loss"], rel=1e-5)
+    module.zero_grad()
+    anchor.loss(module.model, 0).backward()  # the query's gradient reaches the LoRA and the <recall> row
+    grads = [n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any("lora_" in n for n in grads) and any("token_adapter" in n for n in grads)

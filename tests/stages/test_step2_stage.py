@@ -29,6 +29,9 @@ def test_step2_trains_exports_and_writes_manifest(tmp_path, small_locomo):
     for key in ("recall/exact_match", "recall/token_f1", "recall/unwritten/exact_match", "recall/unwritten/token_f1"):
         assert 0.0 <= m["metrics"][key] <= 1.0, key
     assert m["metrics"]["guard/ppl_before"] > 1 and m["metrics"]["guard/ppl_after"] > 1
+    # step2.keep_query is on: the query it keeps is measured on val
+    assert m["metrics"]["query/val_conv/n"] > 0
+    assert 0 <= m["metrics"]["query/val_conv/recall@1"] <= m["metrics"]["query/val_conv/recall@5"] <= 1
     assert m["inputs"]["step1"]["stage"] == "step1" and m["inputs"]["data"]["stage"] == "data"
     assert [h["epoch"] for h in m["stats"]["recall_test_history"]] == [0, 1]
     assert m["stats"]["throughput"]["peak_memory_kind"] == "process peak RSS"  # CPU: no MFU (no peak FLOPs known)
