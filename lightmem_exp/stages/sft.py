@@ -12,7 +12,8 @@ Samples longer than `sft.max_seq_len` tokens are skipped (counted in `stats.skip
 
 Metrics (manifest), each `_before` on the base model and `_after` on base + the best epoch's adapter:
 `factqa/{em,f1}` (closed-book, test split, SQuAD normalisation), `factqa_train/{em,f1}` (the same on trained
-samples: knowledge injection), `update/{acc,json_ok,json_strict}` (through the local_hf_lora backend's parsing),
+samples, trained wording), `factqa_asked/{em,f1}` (knowledge injection: LoCoMo's own questions about trained
+memories, a wording never trained on, against the benchmark's answers), `update/{acc,json_ok,json_strict}` (through the local_hf_lora backend's parsing),
 `general/ppl` (assistant tokens of held-out sft_pool conversations), and `val/loss` (best epoch; the headline,
 lower is better). Outputs: `export/adapter` (PEFT), `export/backend_config.json` (a `local_hf_lora` config for
 this adapter), `eval_predictions.jsonl` (every scored reply, before and after).
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 from lightmem_exp.artifacts import atomic_dir, read_json, write_json, write_jsonl
 from lightmem_exp.backends.local_hf_lora import HFChatGenerator, LocalHFLoraBackend, LocalHFLoraConfig
 from lightmem_exp.config.schema import SftEval
+from lightmem_exp.data.build import FACT_SYSTEM
 from lightmem_exp.data.chat_sft import ChatSftDataset, encode_rows
 from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.errors import ConfigError, LmxError
@@ -54,6 +56,7 @@ from lightmem_exp.stages.base import Recipe, StageResult
 log = logging.getLogger(__name__)
 GROUPS = ("fact_qa", "update_decisions", "general")
 TASKS = ("fact_qa", "update_decisions")
+FACT_GROUPS = ("factqa", "factqa_train", "factqa_asked")  # closed-book groups scored by token F1 / EM
 
 
 def _sample(rows: list[dict], cap: int | None, rng: random.Random) -> list[dict]:
@@ -92,7 +95,7 @@ def _measure(model, tokenizer, sets: dict, ev: SftEval, max_seq_len: int, pad_id
     gen_kwargs = {"max_new_tokens": ev.max_new_tokens, "do_sample": False}
     generate = HFChatGenerator(model, tokenizer, gen_kwargs=gen_kwargs, batch_size=ev.batch_size)
     out: dict[str, float] = {}
-    for group in ("factqa", "factqa_train"):
+    for group in FACT_GROUPS:
         if sets[group]:
             scores, preds = fact_qa_scores(generate, sets[group])
             out.update({f"{group}/{k}_{tag}": v for k, v in scores.items()})
@@ -159,11 +162,12 @@ class SftRecipe(Recipe):
                                  "test:update_decisions"),
             "factqa_train": self._take([r for r in self._split_rows("fact_qa", "train") if r["id"] in trained_ids],
                                        ev.max_fact_qa_train, "fact_qa", "seen"),
+            "factqa_asked": self._take(self._asked_rows(trained_ids), ev.max_fact_qa_asked, "fact_qa", "asked"),
         }
         quotas = {"test": ev.max_general, "val": _share(len(self.val_rows), a.general_fraction),
                   "train": _share(len(self.train_rows), a.general_fraction)}
         for name, cap in (("factqa", ev.max_fact_qa), ("update", ev.max_update),
-                          ("factqa_train", ev.max_fact_qa_train)):
+                          ("factqa_train", ev.max_fact_qa_train), ("factqa_asked", ev.max_fact_qa_asked)):
             if cap and not self.test_sets[name]:
                 log.warning("sft: no %s rows within sft.max_seq_len for evaluation; its metrics are not written", name)
         self.general, skip = _deal_general(pool, quotas, self._encode, self.cfg.seed)
@@ -171,12 +175,23 @@ class SftRecipe(Recipe):
         self.train_rows += self.general["train"]
         self.val_rows += self.general["val"]
         self.test_sets["general"] = self.general["test"]
-        self.predictions: dict = {key: {} for group in ("factqa", "factqa_train", "update")
+        self.predictions: dict = {key: {} for group in (*FACT_GROUPS, "update")
                                   for key in ((group, r["id"]) for r in self.test_sets[group])}
 
     def _encode(self, batch: list[dict], group: str = "general") -> tuple[list[dict], Counter]:
         return encode_rows(self.tokenizer, batch, max_seq_len=self.args.max_seq_len, group=group,
                            method=self.args.mask_method)
+
+    def _asked_rows(self, trained_ids: set[str]) -> list[dict]:
+        """LoCoMo questions of the train split (not adversarial) whose evidence memories were all trained on as
+        fact_qa, as closed-book chats under the fact_qa system prompt with the benchmark's answer."""
+        trained = {r["memory_id"] for r in self.rows["fact_qa"] if r["id"] in trained_ids}
+        return [{"id": q["id"], "conv_id": q["conv_id"],
+                 "messages": [{"role": "system", "content": FACT_SYSTEM}, {"role": "user", "content": q["question"]},
+                              {"role": "assistant", "content": str(q["answer"])}]}
+                for q in read_artifact(self.data, "qa")
+                if q["conv_id"] in self.splits["train"] and q["category"] != 5 and q["evidence_memory_ids"]
+                and set(q["evidence_memory_ids"]) <= trained]
 
     def _split_rows(self, task: str, split: str) -> list[dict]:
         return [r for r in self.rows[task] if r["conv_id"] in self.splits[split]]

@@ -10,8 +10,9 @@ from lightmem_exp.errors import ConfigError
 from lightmem_exp.stages import run, validate
 from tests.conftest import SMALL_TINY_SPEC, run_cli
 
-METRICS = [f"{g}_{t}" for g in ("factqa/em", "factqa/f1", "factqa_train/em", "factqa_train/f1", "update/acc",
-                                "update/json_ok", "update/json_strict") for t in ("before", "after")]
+METRICS = [f"{g}_{t}" for g in ("factqa/em", "factqa/f1", "factqa_train/em", "factqa_train/f1", "factqa_asked/em",
+                                "factqa_asked/f1", "update/acc", "update/json_ok", "update/json_strict")
+           for t in ("before", "after")]
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,8 @@ def test_defaults_validate_alone_in_the_pipeline_and_in_the_7b_preset(make_cfg):
 # small_locomo has few update decisions (4 train, 2 test); the default tiny model's tokenizer fits them in 512 tokens.
 CAPS = ["sft.max_train_samples.fact_qa=24", "sft.max_train_samples.update_decisions=16",
         "sft.max_val_samples.fact_qa=8", "sft.max_val_samples.update_decisions=4", "sft.max_epochs=2",
-        "sft.eval.max_fact_qa=6", "sft.eval.max_fact_qa_train=6", "sft.eval.max_update=6",
+        "sft.eval.max_fact_qa=6", "sft.eval.max_fact_qa_train=6", "sft.eval.max_fact_qa_asked=6",
+        "sft.eval.max_update=6",
         "sft.eval.max_general=4", "sft.eval.max_new_tokens=32", "sft.eval.batch_size=6"]
 
 
@@ -78,7 +80,14 @@ def test_sft_trains_reports_and_exports_a_reloadable_adapter(tmp_path, small_loc
     adapter = sdir / "export" / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     preds = [json.loads(line) for line in (sdir / "eval_predictions.jsonl").read_text().splitlines()]
-    assert {p["set"] for p in preds} == {"factqa", "factqa_train", "update"}
+    assert {p["set"] for p in preds} == {"factqa", "factqa_train", "factqa_asked", "update"}
+    # knowledge injection in the benchmark's own wording: questions whose every evidence memory was trained on
+    data = tmp_path / "outputs" / "default" / "data"
+    qa = {q["id"]: q for q in map(json.loads, (data / "qa.jsonl").read_text().splitlines())}
+    facts = {f["id"]: f for f in map(json.loads, (data / "fact_qa.jsonl").read_text().splitlines())}
+    trained = {f["memory_id"] for f in facts.values()}
+    asked = [p["id"] for p in preds if p["set"] == "factqa_asked"]
+    assert asked and all(set(qa[i]["evidence_memory_ids"]) <= trained and qa[i]["category"] != 5 for i in asked)
     assert all("before" in p and "after" in p for p in preds)
 
     # The exported adapter on a freshly loaded base replays the trained model's update replies exactly.
