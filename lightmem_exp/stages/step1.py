@@ -44,9 +44,11 @@ from lightmem_exp.stages.base import Recipe, StageResult
 
 
 def written_memories(memories: list[dict], pairs: list[dict], splits: dict[str, list[str]],
-                     write_splits: list[str], cap: int | None, seed: int) -> list[dict]:
+                     write_splits: list[str], cap: int | None, seed: int,
+                     kinds: list[str] | None = None) -> list[dict]:
     """Every memory step2 writes into the model, tagged with its split: train-split memories that answer a train
-    pair (step1's query training targets) plus the memories of the other `write_splits` conversations.
+    pair (step1's query training targets) plus the memories of the other `write_splits` conversations, of `kinds`
+    (None: every kind).
 
     Writing an eval conversation's memories is the recall model's analogue of indexing it for RAG: step2 learns to
     decode their text from their vectors and never sees a question, so only memory text (what RAG is given too)
@@ -56,8 +58,9 @@ def written_memories(memories: list[dict], pairs: list[dict], splits: dict[str, 
     pools: dict[str, list[dict]] = {}
     for split in write_splits:
         convs = set(splits[split])
-        pools[split] = (answer_memories(memories, pairs, convs) if split == "train"
-                        else [m for m in memories if m["conv_id"] in convs])
+        pools[split] = [m for m in (answer_memories(memories, pairs, convs) if split == "train"
+                                    else [m for m in memories if m["conv_id"] in convs])
+                        if kinds is None or m["kind"] in kinds]
     quota = {s: len(p) for s, p in pools.items()}
     if cap is not None:
         quota = dict.fromkeys(pools, 0)
@@ -123,13 +126,6 @@ def conversation_retrieval(model: torch.nn.Module, tokenizer: Any, bank: MemoryB
     return out
 
 
-def recall_metrics(model: torch.nn.Module, rows: list[dict], bank: MemoryBank, pad_id: int, batch_size: int,
-                   ks: list[int]) -> dict:
-    """recall@k / MRR of `<recall>` queries against every vector of `bank`."""
-    idx = query_topk(model, rows, bank, pad_id, batch_size, max(ks))
-    return ranking_metrics(idx, [set(r["targets"]) for r in rows], ks)
-
-
 class Step1Recipe(Recipe):
     name = "step1"
 
@@ -154,7 +150,7 @@ class Step1Recipe(Recipe):
         self.pool = read_artifact(data, "sft_pool")
         d = self.cfg.data
         self.written = written_memories(self.memories, self.pairs, self.splits, list(d.write_splits), d.max_memories,
-                                        self.cfg.seed)
+                                        self.cfg.seed, None if d.write_kinds is None else list(d.write_kinds))
         if not self.written:
             raise LmxError(f"no memories to train on: the train split of {data.dir} has no recall pairs")
 
@@ -174,7 +170,7 @@ class Step1Recipe(Recipe):
             rng=random.Random(seed), what="step1 <think> sampling from the SFT pool",
             n_tokens=lambda s: len(text_token_ids(tokenizer, s["think"])),
         )
-        train_convs, val_convs = set(self.splits["train"]), set(self.splits["val"])
+        train_convs = set(self.splits["train"])
         key_mems = answer_memories(self.memories, self.pairs, train_convs)
         self.key_ids = bank_token_ids(tokenizer, [m["text"] for m in key_mems] + [s["think"] for s in self.draw.items])
         rows = pair_query_rows(tokenizer, self.pairs, key_mems, train_convs, recall, a.max_query_tokens,
@@ -187,12 +183,6 @@ class Step1Recipe(Recipe):
         self.bank = MemoryBank.build(self.model, tokenizer, self.memories, batch_size=a.bank_batch_size,
                                      progress=self.cfg.progress, pooling=a.key_pooling,
                                      standardise=a.standardise_keys)
-        row_of = {mid: i for i, mid in enumerate(self.bank.ids)}
-        self.val_pairs = [p for p in self.pairs if p["conv_id"] in val_convs and p["query_kind"] == "question"
-                          and any(m in row_of for m in p["memory_ids"])]
-        self.val_rows = [{"input_ids": user_query_ids(tokenizer, p["query"], recall, a.max_query_tokens),
-                          "kind": "question", "targets": [row_of[m] for m in p["memory_ids"] if m in row_of]}
-                         for p in self.val_pairs]
 
     def setup_training(self) -> None:
         """LoRA plus only the <recall>/<|memory_pad|> embedding rows (PEFT trainable tokens: the adapter stores just
@@ -206,11 +196,8 @@ class Step1Recipe(Recipe):
             warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size, key_space=self.bank.key_space)
 
     def train(self) -> None:
-        """Lightning fit from the stage's own checkpoint when one exists; untrained val recall first."""
+        """Lightning fit from the stage's own checkpoint when one exists."""
         a, cfg, pad_id = self.args, self.cfg, self.tokenizer.pad_token_id
-        if self.val_rows:
-            self.metrics.update({f"untrained/{k}": v for k, v in recall_metrics(
-                self.model, self.val_rows, self.bank, pad_id, a.batch_size, list(a.eval_ks)).items()})
         self.logger = make_logger(cfg, self.dir)
         loader = ResumableLoader(RecallQueryDataset(self.train_rows), batch_size=a.batch_size, shuffle=True,
                                  seed=cfg.seed, collate_fn=lambda rows: collate_queries(rows, pad_id))
@@ -225,22 +212,11 @@ class Step1Recipe(Recipe):
                                          progress=cfg.progress, key_space=self.bank.key_space)
 
     def evaluate(self) -> None:
-        """Val recall@k / MRR of the trained queries against the whole bank, then per conversation on val and test
-        (`conversation_retrieval`), each with BM25 / dense retrieval over the same memories as baselines."""
-        a, ks = self.args, list(self.args.eval_ks)
+        """Per conversation on val and test (`conversation_retrieval`), next to BM25 / MiniLM over the same memories;
+        the headline is val recall@5 (choose settings on val)."""
         for split in ("val", "test"):
             self.metrics.update(self.conversation_retrieval(split))
-        if self.val_rows:
-            self.metrics.update({f"val/{k}": v for k, v in recall_metrics(
-                self.model, self.val_rows, self.bank, self.tokenizer.pad_token_id, a.batch_size, ks).items()})
-            texts = [m["text"] for m in self.bank.entries]
-            questions = [p["query"] for p in self.val_pairs]
-            positives = [set(r["targets"]) for r in self.val_rows]
-            for name, retriever in (("bm25", BM25Retriever(texts)), ("dense", DenseRetriever(texts))):
-                idx, _ = retriever.search(questions, max(ks))
-                self.metrics.update({f"baseline/{name}/{k}": v
-                                     for k, v in ranking_metrics(idx.tolist(), positives, ks).items()})
-        self.metrics["headline"] = self.metrics.get("val/recall@1", float("nan"))
+        self.metrics["headline"] = self.metrics.get(f"val_conv/recall@{max(self.args.eval_ks)}", float("nan"))
 
     def conversation_retrieval(self, split: str) -> dict[str, float]:
         """`conversation_retrieval` on `split`: `<split>_conv/*`, with BM25 / MiniLM on the same questions and banks as
@@ -269,7 +245,7 @@ class Step1Recipe(Recipe):
         self.stats.update({
             "train_queries": len(self.train_rows), "train_keys": len(self.key_ids),
             "written_memories": len(self.written), "written_per_split": dict(Counter(m["split"] for m in self.written)),
-            "think_samples": len(self.draw.items), "val_questions": len(self.val_rows), "bank_size": len(self.bank),
+            "think_samples": len(self.draw.items), "bank_size": len(self.bank),
             "memory_tokens_added": self.tok_ids.added,
             "bank_vectors": "re-encoded by the trained model" if self.args.refresh_keys else "frozen base model",
             "bank_key_space": {"pooling": self.bank.pooling, "standardised": self.bank.key_space.standardised}})

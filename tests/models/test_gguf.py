@@ -195,6 +195,6 @@ def test_smollm2_trains_one_step_of_step1_and_step2(tmp_path, small_locomo):
     step1 = json.loads((out / "step1" / "manifest.json").read_text())
     step2 = json.loads((out / "step2" / "manifest.json").read_text())
     assert step1["stats"]["train_queries"] == 4 + 2 and step1["stats"]["memory_tokens_added"]
-    assert "val/recall@1" in step1["metrics"] and "recall/exact_match" in step2["metrics"]
+    assert "val_conv/recall@1" in step1["metrics"] and "recall/exact_match" in step2["metrics"]
     assert step1["stats"]["throughput"]["peak_memory_mb"] > 0 and step2["stats"]["throughput"]["peak_memory_mb"] > 0
     assert json.loads((out / "step2" / "export" / "model" / "config.json").read_text())["model_type"] == "llama"
