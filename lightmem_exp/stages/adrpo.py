@@ -26,6 +26,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightmem_exp.artifacts import Manifest, atomic_dir, read_json, write_json, write_jsonl
@@ -387,8 +388,16 @@ class AdrpoRecipe(Recipe):
 
     def evaluate_heldout(self, tag: str) -> None:
         """The policy as it is now builds memory on the held-out sessions by itself (greedy), then its QA accuracy
-        (heldout/*_<tag>)."""
+        (heldout/*_<tag>). An RL phase that left every trainable weight as the warm start had it (no step updated a
+        row) has the SFT policy's greedy replies: its figures are the SFT ones, copied, and the stats say so."""
         a = self.args
+        if tag == "rl" and not self.rl_changed_weights:
+            self.metrics.update({k.replace("_sft", "_rl"): v for k, v in list(self.metrics.items())
+                                 if k.startswith("heldout/") and "_sft" in k})
+            for c in self.held_convs:
+                write_json(self.dir / "heldout" / "rl" / f"{c}.json", read_json(self.dir / "heldout" / "sft" / f"{c}.json"))
+            self._lap(f"heldout_{tag}")
+            return
         stores, hstats = policy_memories(self.model, self.tokenizer, self.held_chunks, self._new_store,
                                          shown=a.memory.shown, max_new_tokens=a.rl.max_new_tokens,
                                          max_prompt_tokens=a.max_seq_len - a.rl.max_new_tokens,
@@ -416,6 +425,7 @@ class AdrpoRecipe(Recipe):
             gradient_clip_val=rl.gradient_clip_val, attribution=a.reward.attribution.enabled,
             alpha=a.reward.attribution.alpha, adv_eps=rl.adv_eps, skip_zero_advantage=rl.skip_zero_advantage,
             seed=self.cfg.seed)
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         if rl.max_steps > 0:
             if not self.rl_items:
                 raise LmxError(f"no RL chunk has >= {rl.min_questions} questions and prompts within "
@@ -431,6 +441,8 @@ class AdrpoRecipe(Recipe):
             trainer.fit(self.module, train_dataloaders=loader, ckpt_path=resume_path(self.cfg, self.dir / "rl"))
             if self.device is not None:
                 self.model.to(self.device)
+        self.rl_changed_weights = any(not torch.equal(p.detach().cpu(), before[n].cpu())
+                                      for n, p in self.model.named_parameters() if p.requires_grad)
         self._lap("rl")
 
     def summarise_rl(self) -> None:
@@ -480,5 +492,7 @@ class AdrpoRecipe(Recipe):
             "sft_skipped": dict(self.sft_skipped), "rl_items": len(self.rl_items),
             "rl_items_skipped": dict(self.rl_items_skipped), "heldout_questions": self.n_questions,
             "reward_error_messages": self.budget.messages, "seconds": self.seconds,
+            "heldout_rl": ("evaluated" if self.rl_changed_weights else
+                           "copied from the SFT policy: the RL steps left every trainable weight unchanged"),
             "reply_vocab_rows": len(self.vocab) if self.vocab else 0,
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}

@@ -83,6 +83,19 @@ def test_adrpo_runs_end_to_end_and_reports_sft_vs_rl(tmp_path, small_locomo):
     for name in ("adapter", "adapter_sft"):
         assert (sdir / "export" / name / "adapter_config.json").exists()
     assert (sdir / "heldout" / "sft").is_dir() and (sdir / "heldout" / "rl").is_dir()
+    # an RL step that updated rows moved the weights and is evaluated; one that updated none is the SFT policy
+    assert (st["heldout_rl"] == "evaluated") == (met["rl/rows_updated"] > 0)
+
+    # No RL step: the weights are the warm start's, so the RL policy's held-out figures are the SFT policy's, copied.
+    data = tmp_path / "outputs" / "default" / "data"
+    r = run_cli("stage=adrpo", *common, *SMALL, "adrpo.rl.max_steps=0", "exp=norl", f"adrpo.inputs.data={data}",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    norl = json.loads((tmp_path / "outputs" / "norl" / "adrpo" / "manifest.json").read_text())
+    assert norl["stats"]["heldout_rl"].startswith("copied from the SFT policy")
+    sft_keys = [k for k in norl["metrics"] if k.startswith("heldout/") and "_sft" in k]
+    assert sft_keys and all(norl["metrics"][k.replace("_sft", "_rl")] == norl["metrics"][k] for k in sft_keys)
+    assert norl["metrics"]["heldout/qa_acc_sft"] == met["heldout/qa_acc_sft"]  # the same warm start
 
 
 class FailAfter:
