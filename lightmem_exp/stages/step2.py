@@ -102,24 +102,25 @@ def mixed_memory_module(args: Step2Config, model: torch.nn.Module, dataset: Mixe
         draws_path=draws_path, query_anchor=query_anchor, **extra)
 
 
-def query_anchor(step1: Manifest, data: Manifest, bank: MemoryBank, tokenizer: Any, recall_id: int,
-                 keep: KeepQuery, seed: int) -> QueryAnchor | None:
-    """step1's training questions and frozen keys (the step1 bank's vectors of its training memories), with step1's
-    own sample, temperature and query length (its saved config)."""
-    if keep.weight == 0:
-        return None
+def step1_settings(step1: Manifest) -> DictConfig:
+    """step1's own knobs from its saved config (the anchor uses its question sample, temperature and query length)."""
     saved = step1.dir / "config.yaml"
     if not saved.is_file():
         raise UpstreamError(f"{saved}: step1's saved config is missing (step2.keep_query reads its question sample, "
                             "temperature and query length); rerun step1 or set step2.keep_query.weight=0")
-    s1 = OmegaConf.load(saved).step1
-    pairs, splits = read_artifact(data, "recall_pairs"), read_json(data.path("splits"))
-    train = set(splits["train"])
+    return OmegaConf.load(saved).step1
+
+
+def query_anchor(s1: DictConfig, data: Manifest, pairs: list[dict], bank: MemoryBank, tokenizer: Any, recall_id: int,
+                 keep: KeepQuery, seed: int) -> QueryAnchor:
+    """step1's training questions and frozen keys (the step1 bank's vectors of its training memories), with step1's
+    own sample, temperature and query length (`s1`, `step1_settings`)."""
+    train = set(read_json(data.path("splits"))["train"])
     row_of = {mid: i for i, mid in enumerate(bank.ids)}
     keys = [m for m in answer_memories(read_artifact(data, "memories"), pairs, train) if m["id"] in row_of]
     rows = pair_query_rows(tokenizer, pairs, keys, train, recall_id, s1.max_query_tokens, s1.max_train_queries, seed)
     if not rows:
-        raise LmxError(f"step2.keep_query: {data.dir} has no train question whose memory is in {step1.path('bank')}; "
+        raise LmxError(f"step2.keep_query: {data.dir} has no train question whose memory is in {bank.path}; "
                        "set step2.keep_query.weight=0")
     return QueryAnchor(rows, bank.vectors[[row_of[m["id"]] for m in keys]], bank.key_space, keep.weight,
                        keep.batch_size, float(s1.temperature), tokenizer.pad_token_id, seed)
@@ -204,8 +205,12 @@ class Step2Recipe(Recipe):
         guard_ids = {g["index"] for g in self.guard}
         self.dataset.pool = [r for r in self.dataset.pool if r["index"] not in guard_ids]
         self.guard_samples = [build_sft_only(self.dataset.conversation(r)) for r in self.guard]
-        self.anchor = query_anchor(self.step1, self.data, self.bank, self.tokenizer, self.tok_ids.recall,
-                                   a.keep_query, seed)
+        self.anchor = None
+        if a.keep_query.weight > 0:
+            self.step1_args = step1_settings(self.step1)
+            self.pairs = read_artifact(self.data, "recall_pairs")
+            self.anchor = query_anchor(self.step1_args, self.data, self.pairs, self.bank, self.tokenizer,
+                                       self.tok_ids.recall, a.keep_query, seed)
         return self.dataset
 
     def setup_model(self) -> torch.nn.Module:
@@ -271,8 +276,8 @@ class Step2Recipe(Recipe):
             self.metrics["guard/ppl_after"] = sft_perplexity(model, self.guard_samples, tokenizer.pad_token_id,
                                                              ids.memory_pad, a.batch_size)
         if self.anchor is not None:  # did the <recall> query survive? step1 reports the same before step2
-            s1 = OmegaConf.load(self.step1.dir / "config.yaml").step1
-            retrieval = conversation_retrieval(model, tokenizer, self.bank, read_artifact(self.data, "recall_pairs"),
+            s1 = self.step1_args
+            retrieval = conversation_retrieval(model, tokenizer, self.bank, self.pairs,
                                                read_json(self.data.path("splits"))["val"], ids.recall,
                                                s1.max_query_tokens, a.batch_size, list(s1.eval_ks), baselines=False)
             self.metrics.update({f"query/val_conv/{k}": v for k, v in retrieval.items()})
