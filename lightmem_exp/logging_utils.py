@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
+from transformers.utils import logging as hf_logging
 
 from lightmem_exp.artifacts import write_text
 
@@ -50,7 +51,8 @@ class _DropMessage(logging.Filter):
 def quiet_console() -> None:
     """Where the root logger has handlers (Hydra's console and run log), Lightning's records go through them only:
     its own console handlers are removed (`lightning` keeps propagating too, so each line printed twice), and the
-    `HARMLESS` lines are dropped at the loggers that emit them, the `HARMLESS_WARNINGS` ignored."""
+    `HARMLESS` lines are dropped at the loggers that emit them, the `HARMLESS_WARNINGS` ignored, transformers'
+    progress bars off."""
     if logging.getLogger().handlers:
         for name in LIGHTNING_LOGGERS:
             logger = logging.getLogger(name)
@@ -63,6 +65,9 @@ def quiet_console() -> None:
             logger.addFilter(_DropMessage(start))
     for category, start, _why in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(start), category=category)
+    # transformers 5 draws a "Loading weights" bar at every from_pretrained (several per stage, each under a second);
+    # it is the only transformers bar this package would show.
+    hf_logging.disable_progress_bar()
 
 
 def make_logger(cfg: DictConfig, sdir: Path) -> Logger | None:

@@ -48,6 +48,8 @@ def test_lightning_lines_print_once_through_the_root_handlers(tmp_path: Path):
         warnings.warn("`another_property` is deprecated", FutureWarning)
         from lightning.pytorch.utilities._pytree import _tree_flatten
         _tree_flatten(3)  # Lightning builds torch's deprecated LeafSpec
+        from transformers.utils import logging as hf_logging
+        print("[hf] progress bars", hf_logging.is_progress_bar_enabled())
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1], check=True)
@@ -59,6 +61,7 @@ def test_lightning_lines_print_once_through_the_root_handlers(tmp_path: Path):
         ["[root] another bitsandbytes warning"], console  # only the known-harmless line is dropped
     assert [line.split(": ", 1)[1] for line in console if "is deprecated" in line] == \
         ["FutureWarning: `another_property` is deprecated"], console
+    assert "[hf] progress bars False" in console, console  # no "Loading weights" bar at every from_pretrained
 
 
 class _Trainer:

@@ -503,10 +503,15 @@ class AdrpoSft(EpochTraining):
     lr: float = 3e-4
     max_epochs: int = 1
     """0: no warm start."""
+    val_samples: int = 8
+    """Expert calls of the val split's conversations (their first `expert.train_sessions` sessions, a seeded sample)
+    whose loss is measured at every epoch end (`val/loss`; manifest `warmup/val_loss`): what the warm start's length
+    and learning rate are chosen on; 0: none."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         int_min(self, "max_samples", 1, optional=True)
+        int_min(self, "val_samples", 0)
 
 
 @dataclass

@@ -41,7 +41,9 @@ class ChatSftModule(TrainableOnlyCheckpoint):
         self.model = model
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.groups = list(groups)
-        self.last_train_loss: torch.Tensor | None = None  # kept in checkpoints: a resumed, finished fit logs nothing
+        # kept in checkpoints: a resumed, finished fit logs nothing
+        self.last_train_loss: torch.Tensor | None = None
+        self.last_val_loss: float | None = None
         self.save_hyperparameters(ignore=["model"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -55,11 +57,18 @@ class ChatSftModule(TrainableOnlyCheckpoint):
         super().on_save_checkpoint(checkpoint)
         if self.last_train_loss is not None:
             checkpoint["last_train_loss"] = float(self.last_train_loss)
+        if self.last_val_loss is not None:
+            checkpoint["last_val_loss"] = self.last_val_loss
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "last_train_loss" in checkpoint:
             self.last_train_loss = torch.tensor(checkpoint["last_train_loss"])
+        self.last_val_loss = checkpoint.get("last_val_loss")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and MONITOR in self.trainer.callback_metrics:
+            self.last_val_loss = float(self.trainer.callback_metrics[MONITOR])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         sums, counts = token_nll(self.model, batch)

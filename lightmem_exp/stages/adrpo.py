@@ -5,7 +5,8 @@ Phases, in order (seconds of each in `stats.seconds`):
    held-out conversations (`heldout.*`), written under `expert/<conv_id>/` and read back from there;
 2. warmup: LoRA SFT of the policy on the expert calls of all four agents (train split; a seeded sample of
    `sft.max_samples`; calls whose reply is longer than `rl.max_new_tokens` tokens are skipped and counted, since the
-   policy could never produce them); its adapter is exported as `export/adapter_sft`;
+   policy could never produce them), its loss on `sft.val_samples` expert calls of the val split's conversations
+   measured at every epoch end; its adapter is exported as `export/adapter_sft`;
 3. heldout_sft: the SFT-only policy builds memory on the held-out sessions by itself; QA accuracy over it;
 4. rl: `rl.max_steps` ADRPO steps (`lit/adrpo.py`) on train-split chunks with answerable questions;
 5. heldout_rl: the same held-out evaluation after RL (same sessions, same questions, same answerer).
@@ -14,7 +15,7 @@ Outputs: `expert/`, `export/adapter` (after RL), `export/adapter_sft`, `rl_steps
 `heldout/{expert,sft,rl}/<conv_id>.json` (the memories scored) and `heldout/questions.json`.
 Metrics (manifest): `heldout/qa_acc_{sft,rl,expert}` (the headline is `heldout/qa_acc_rl`), `heldout/format_valid_*`,
 `reward/*` (mean reward and its parts over the RL steps: `qa_acc`, `length_penalty`, `format_valid`...),
-`attribution/<type>` (steps' chunks whose dominant type it was), `served/<type>` (correct answers it served),
+`warmup/{train_loss_last,val_loss}`, `attribution/<type>` (steps' chunks whose dominant type it was), `served/<type>` (correct answers it served),
 `rl/*`, `time/*` (per-step generation / reward / update seconds and `time/reward_share`).
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from lightmem_exp.artifacts import Manifest, atomic_dir, read_json, write_json, write_jsonl
 from lightmem_exp.config import schema, typed
@@ -155,16 +157,18 @@ def _first_sessions(rows: list[dict], n: int | None) -> list[dict]:
     return rows if n is None else rows[:n]
 
 
-def _encode_sft(tokenizer, trajectories, a: schema.AdrpoConfig, seed: int) -> tuple[list[dict], Counter]:
+def _encode_sft(tokenizer, trajectories, a: schema.AdrpoConfig, seed: int, cap: int | None,
+                tag: str = "sft") -> tuple[list[dict], Counter]:
+    """A seeded sample of at most `cap` valid expert calls, encoded for chat SFT (reply tokens labelled)."""
     rows = [{"id": f"{c['conv_id']}/{c['chunk']}/{c['agent']}", "agent": c["agent"],
              "messages": [*c["messages"], {"role": "assistant", "content": c["reply"]}]}
             for t in trajectories for c in t.calls if c["valid"]]
     skipped: Counter = Counter()
-    rng = random.Random(f"{seed}:adrpo:sft")
+    rng = random.Random(f"{seed}:adrpo:{tag}")
     rng.shuffle(rows)
     out = []
     for row in rows:
-        if a.sft.max_samples is not None and len(out) >= a.sft.max_samples:
+        if cap is not None and len(out) >= cap:
             break
         enc, skip = encode_rows(tokenizer, [row], max_seq_len=a.max_seq_len, group="expert")
         skipped += skip
@@ -265,6 +269,8 @@ class AdrpoRecipe(Recipe):
             self.qa_by_conv[q["conv_id"]].append(q)
         self.train_convs = sorted(splits["train"])[: a.expert.max_train_conversations]
         self.held_convs = sorted(splits[a.heldout.split])[: a.heldout.max_conversations]
+        self.val_convs = ([c for c in sorted(splits["val"]) if c not in self.held_convs]
+                          if a.sft.val_samples and a.sft.max_epochs else [])[: a.expert.max_train_conversations]
         if not self.train_convs or not self.held_convs:
             raise LmxError(f"{data.dir}: adrpo needs train conversations and {a.heldout.split} conversations "
                            f"(got {len(self.train_convs)} and {len(self.held_convs)})")
@@ -272,6 +278,7 @@ class AdrpoRecipe(Recipe):
             log.warning("heldout.split=train: the held-out sessions are conversations the policy is trained on")
         self.trajectories = self._expert_trajectories(data)
         self.train_trajectories = [self.trajectories[c] for c in self.train_convs]
+        self.val_trajectories = [self.trajectories[c] for c in self.val_convs]
         self._lap("expert")
         self._heldout_questions()
 
@@ -281,7 +288,7 @@ class AdrpoRecipe(Recipe):
     def _expert_trajectories(self, data: Manifest) -> dict[str, Trajectory]:
         """Expert trajectories, written under expert/ then read back: the files are what the rest of the stage uses."""
         a, e = self.args, self.args.expert
-        ann, self.annotations_info = _annotations(data, set(self.train_convs) | set(self.held_convs),
+        ann, self.annotations_info = _annotations(data, {*self.train_convs, *self.val_convs, *self.held_convs},
                                                   e.event_summaries)
         self.embedder = TextEmbedder() if a.memory.search != "bm25" else None
         self.expert_cfg = ExpertConfig(
@@ -290,6 +297,7 @@ class AdrpoRecipe(Recipe):
             update_f1=e.update_f1, core_char_limit=a.memory.core_char_limit, search_mode=a.memory.search)
         client = _expert_client(e)
         plan = [(c, "train", e.train_sessions) for c in self.train_convs] + \
+               [(c, "val", e.train_sessions) for c in self.val_convs] + \
                [(c, a.heldout.split, a.heldout.sessions) for c in self.held_convs]
         trajectories = {}
         for conv, split, n in plan:
@@ -323,7 +331,10 @@ class AdrpoRecipe(Recipe):
         self.device = model_device(cfg)
         mcfg = cfg.model if a.init_from == "base" else _step2_model_cfg(cfg, self.step2)
         self.tokenizer = load_tokenizer(mcfg, cfg.paths.data)
-        self.sft_rows, self.sft_skipped = _encode_sft(self.tokenizer, self.train_trajectories, a, cfg.seed)
+        self.sft_rows, self.sft_skipped = _encode_sft(self.tokenizer, self.train_trajectories, a, cfg.seed,
+                                                      a.sft.max_samples)
+        self.val_rows, _ = _encode_sft(self.tokenizer, self.val_trajectories, a, cfg.seed, a.sft.val_samples,
+                                       tag="sft_val")
         model = load_model(mcfg, cfg.paths.data, quant_cfg=cfg.quant, device=self.device)
         self.vocab = None
         if a.train_reply_vocab:
@@ -334,9 +345,10 @@ class AdrpoRecipe(Recipe):
 
     def warm_start(self) -> None:
         """SFT of the policy on the expert calls (`adrpo.sft`, skipped at max_epochs=0), resumed from its own
-        checkpoint under warmup/; the resulting policy's adapter is exported as export/adapter_sft."""
+        checkpoint under warmup/, its loss on the val conversations' calls measured at every epoch end; the
+        resulting policy's adapter is exported as export/adapter_sft."""
         s = self.args.sft
-        self.warm_loss = None
+        self.warm_loss = self.warm_val_loss = None
         if s.max_epochs > 0:
             if not self.sft_rows:
                 raise LmxError("no expert call fits adrpo.max_seq_len and adrpo.rl.max_new_tokens for the warm start "
@@ -350,8 +362,14 @@ class AdrpoRecipe(Recipe):
             trainer = make_trainer(self.cfg, self.dir / "warmup", max_epochs=s.max_epochs, logger=self.logger,
                                    gradient_clip_val=s.gradient_clip_val)
             module.train()
-            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path(self.cfg, self.dir / "warmup"))
-            self.warm_loss = module.last_train_loss  # also after a resume that found the warm start finished
+            val_loader = None
+            if self.val_rows:
+                vds = ChatSftDataset(self.val_rows, ("expert",))
+                val_loader = DataLoader(vds, batch_size=s.batch_size, collate_fn=lambda b: vds.collate(b, pad_id))
+            trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader,
+                        ckpt_path=resume_path(self.cfg, self.dir / "warmup"))
+            # kept in the module's checkpoint: also set after a resume that found the warm start finished
+            self.warm_loss, self.warm_val_loss = module.last_train_loss, module.last_val_loss
             if self.device is not None:  # Lightning's teardown moved the model to CPU
                 self.model.to(self.device)
         with atomic_dir(self.dir / "export" / "adapter_sft") as tmp:
@@ -468,6 +486,8 @@ class AdrpoRecipe(Recipe):
             metrics[f"served/{k}"] = module.served_counts.get(k, 0)
         if self.warm_loss is not None:
             metrics["warmup/train_loss_last"] = float(self.warm_loss)
+        if self.warm_val_loss is not None:
+            metrics["warmup/val_loss"] = float(self.warm_val_loss)
         metrics["headline"] = metrics["heldout/qa_acc_rl"]
 
     def _rank_zero(self) -> bool:
@@ -487,7 +507,8 @@ class AdrpoRecipe(Recipe):
             "init_from": a.init_from, "reward_service": self.service_info, "annotations": self.annotations_info,
             "train_conversations": self.train_convs, "heldout_conversations": self.held_convs,
             "expert_calls": dict(Counter(c["agent"] for tr in self.train_trajectories for c in tr.calls)),
-            "sft_samples": len(self.sft_rows),
+            "sft_samples": len(self.sft_rows), "sft_val_conversations": self.val_convs,
+            "sft_val_samples": len(self.val_rows),
             "sft_samples_per_agent": dict(Counter(r["agent"] for r in self.sft_rows)),
             "sft_skipped": dict(self.sft_skipped), "rl_items": len(self.rl_items),
             "rl_items_skipped": dict(self.rl_items_skipped), "heldout_questions": self.n_questions,

@@ -146,6 +146,20 @@ def test_val_loss_is_token_weighted_per_group(small_model_cfg, data_root, tok, t
     assert ppl == pytest.approx(math.exp(float(s.sum() / c.sum())), rel=1e-5)
 
 
+def test_last_val_loss_is_the_final_epochs_and_survives_a_checkpoint(small_model_cfg, data_root, tok, tmp_path):
+    # adrpo's warm start reports it; a resumed run that finds the fit finished validates nothing, so it is checkpointed
+    module = _module(small_model_cfg, data_root)
+    trainer = _trainer(tmp_path, [], max_epochs=2)
+    trainer.fit(module, *_loaders(tok))
+    assert module.last_val_loss == pytest.approx(trainer.callback_metrics["val/loss"].item())
+    ckpt: dict = {"state_dict": {}}
+    module.on_save_checkpoint(ckpt)
+    fresh = _module(small_model_cfg, data_root)
+    assert fresh.last_val_loss is None
+    fresh.on_load_checkpoint(ckpt)
+    assert fresh.last_val_loss == module.last_val_loss
+
+
 def test_fact_qa_and_update_scores_with_stub_generators():
     rows = _rows(2)
     scores, preds = fact_qa_scores(lambda chats: ["Person 0 likes tea number 0", "tea"], rows)

@@ -74,6 +74,9 @@ def test_adrpo_runs_end_to_end_and_reports_sft_vs_rl(tmp_path, small_locomo):
     assert sum(met[f"attribution/{t}"] for t in [*MEMORY_TYPES, "none"]) == 2  # one chunk per step
     assert st["sft_samples"] == 16 and st["heldout_questions"] > 0 and st["reply_vocab_rows"] > 0
     assert st["annotations"]["events"] > 0  # LoCoMo event summaries were read from the raw file
+    val_convs = json.loads((tmp_path / "outputs" / "default" / "data" / "splits.json").read_text())["val"]
+    assert st["sft_val_conversations"] and set(st["sft_val_conversations"]) <= set(val_convs)
+    assert st["sft_val_samples"] == 8 and met["warmup/val_loss"] > 0  # the warm start's val loss, val split only
     for conv in [*st["train_conversations"], *st["heldout_conversations"]]:
         d = sdir / "expert" / conv
         assert (d / "metadata.json").exists() and (d / "agent_calls.jsonl").exists()
