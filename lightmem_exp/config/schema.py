@@ -21,6 +21,7 @@ EVAL_METHODS = ("closed_book", "full_context", "rag_bm25", "rag_dense", "rag_hyb
                 "recall", "recall_rag")
 MASK_METHODS = ("auto", "template", "prefix")
 SEARCH_MODES = ("hybrid", "bm25", "dense")
+STEP1_NEGATIVES = ("bank", "in_batch", "conversation")
 SFT_TASKS = ("fact_qa", "update_decisions")
 
 
@@ -148,7 +149,8 @@ class Step1Config(EpochTraining):
     """Contrastive softmax temperature over cosine scores (smollm2, standardised keys, chosen on val per-conversation
     recall@5: 0.05 -> 0.539, 0.1 -> 0.606, 0.2 -> 0.606)."""
     negatives: str = "bank"
-    """bank: every training key is a negative; in_batch: the batch's positives."""
+    """bank: every training key is a negative; in_batch: the batch's positives; conversation: the keys of the
+    query's own conversation (<think> samples: the <think> keys), what eval's `recall` ranks. Frozen keys only."""
     max_query_tokens: int = 128
     """Queries are cut from the left to this many tokens."""
     max_train_queries: int | None = 320
@@ -181,7 +183,7 @@ class Step1Config(EpochTraining):
         super().__post_init__()
         number(self, "temperature", gt=0)
         one_of(self, "key_pooling", ("last", "mean"))
-        one_of(self, "negatives", ("bank", "in_batch"))
+        one_of(self, "negatives", STEP1_NEGATIVES)
         int_min(self, "max_query_tokens", 8)
         int_min(self, "max_train_queries", 1, optional=True)
         number(self, "sft_ratio", ge=0)
@@ -503,6 +505,10 @@ class AdrpoSft(EpochTraining):
     lr: float = 3e-4
     max_epochs: int = 1
     """0: no warm start."""
+    max_noop_share: float = 1.0
+    """At most this share of the warm-start sample replies `{"operations": []}` (no-op calls are left out while the
+    running share would exceed it); 1: as drawn. The expert's replies are 58% no-ops on LoCoMo, and a policy
+    warm-started on that mix answers every held-out call with a no-op (docs/smollm2-variants.md)."""
     val_samples: int = 8
     """Expert calls of the val split's conversations (their first `expert.train_sessions` sessions, a seeded sample)
     whose loss is measured at every epoch end (`val/loss`; manifest `warmup/val_loss`): what the warm start's length
@@ -512,6 +518,7 @@ class AdrpoSft(EpochTraining):
         super().__post_init__()
         int_min(self, "max_samples", 1, optional=True)
         int_min(self, "val_samples", 0)
+        number(self, "max_noop_share", ge=0, le=1)
 
 
 @dataclass

@@ -49,6 +49,13 @@ def pair_query_rows(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], k
     return rows
 
 
+def conversation_groups(keys: Sequence[dict]) -> list[int]:
+    """Per key: the index of its conversation among the keys' sorted conversation ids (step1's
+    `negatives=conversation` groups)."""
+    index = {c: i for i, c in enumerate(sorted({m["conv_id"] for m in keys}))}
+    return [index[m["conv_id"]] for m in keys]
+
+
 class RecallQueryDataset(Dataset):
     """Rows of {input_ids: list[int], targets: list[int] (key indices), kind: str}."""
 

@@ -3,7 +3,8 @@
 Keys are the same representation a bank stores (the key text's last hidden states pooled and mapped by the bank's
 `KeySpace`); queries, the `<recall>` token's last hidden state, go through the same map, as in `MemoryHead`.
 - frozen keys (`refresh_keys=false`): the base model's key vectors, encoded once; negatives are the whole key
-  set (`negatives=bank`) or the batch's positives (`in_batch`).
+  set (`negatives=bank`), the batch's positives (`in_batch`) or the keys of the query's own conversation
+  (`conversation`: the candidates eval's per-conversation `recall` ranks).
 - refreshed keys (`refresh_keys=true`): the key side trains too, as a dual encoder: the batch's positive keys are
   re-encoded with gradients and only they are candidates. Mixing fresh keys with stale cached ones as negatives
   collapses (measured: the loss sticks at ln(batch size), the model only learns to tell fresh from stale).
@@ -22,7 +23,8 @@ from lightmem_exp.models.recall_loss import recall_contrastive_loss
 class RecallQueryModule(TrainableOnlyCheckpoint):
     def __init__(self, model: torch.nn.Module, key_token_ids: list[list[int]], *, pad_id: int, temperature: float,
                  negatives: str, refresh_keys: bool, lr: float, weight_decay: float, warmup_ratio: float,
-                 encode_batch_size: int = 64, key_space: KeySpace | None = None):
+                 encode_batch_size: int = 64, key_space: KeySpace | None = None,
+                 key_groups: list[int] | None = None):
         super().__init__()
         self.model = model
         self.key_token_ids, self.pad_id, self.encode_batch_size = key_token_ids, pad_id, encode_batch_size
@@ -30,7 +32,8 @@ class RecallQueryModule(TrainableOnlyCheckpoint):
         self.key_space = key_space or KeySpace()
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.register_buffer("key_cache", torch.empty(0), persistent=False)
-        self.save_hyperparameters(ignore=["model", "key_token_ids", "key_space"])
+        self.key_groups = None if key_groups is None else torch.tensor(key_groups, dtype=torch.long)
+        self.save_hyperparameters(ignore=["model", "key_token_ids", "key_space", "key_groups"])
 
     def query_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last token's (`<recall>`) last-layer hidden state [B, H], as generation reads it (`MemoryBank.topk`
@@ -78,7 +81,8 @@ class RecallQueryModule(TrainableOnlyCheckpoint):
             negatives = "in_batch"
         else:
             keys, negatives = self.key_cache, self.negatives
-        loss = recall_contrastive_loss(q, keys, batch["targets"], temperature=self.temperature, negatives=negatives)
+        loss = recall_contrastive_loss(q, keys, batch["targets"], temperature=self.temperature, negatives=negatives,
+                                       key_groups=self.key_groups)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(q))
         return loss
 

@@ -22,6 +22,7 @@ Metrics (manifest): `heldout/qa_acc_{sft,rl,expert}` (the headline is `heldout/q
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import Counter, defaultdict
@@ -158,9 +159,10 @@ def _first_sessions(rows: list[dict], n: int | None) -> list[dict]:
 
 
 def _encode_sft(tokenizer, trajectories, a: schema.AdrpoConfig, seed: int, cap: int | None,
-                tag: str = "sft") -> tuple[list[dict], Counter]:
-    """A seeded sample of at most `cap` valid expert calls, encoded for chat SFT (reply tokens labelled)."""
-    rows = [{"id": f"{c['conv_id']}/{c['chunk']}/{c['agent']}", "agent": c["agent"],
+                tag: str = "sft", max_noop_share: float = 1.0) -> tuple[list[dict], Counter]:
+    """A seeded sample of at most `cap` valid expert calls, encoded for chat SFT (reply tokens labelled), with at
+    most `max_noop_share` of them no-op calls (no operation; `_cap_noops`)."""
+    rows = [{"id": f"{c['conv_id']}/{c['chunk']}/{c['agent']}", "agent": c["agent"], "noop": not c["ops"],
              "messages": [*c["messages"], {"role": "assistant", "content": c["reply"]}]}
             for t in trajectories for c in t.calls if c["valid"]]
     skipped: Counter = Counter()
@@ -168,15 +170,29 @@ def _encode_sft(tokenizer, trajectories, a: schema.AdrpoConfig, seed: int, cap: 
     rng.shuffle(rows)
     out = []
     for row in rows:
-        if cap is not None and len(out) >= cap:
+        if max_noop_share >= 1 and cap is not None and len(out) >= cap:
             break
         enc, skip = encode_rows(tokenizer, [row], max_seq_len=a.max_seq_len, group="expert")
         skipped += skip
         if enc and sum(lab != IGNORE_INDEX for lab in enc[0]["labels"]) > a.rl.max_new_tokens:
             skipped["expert_reply_over_max_new_tokens"] += 1
             continue
-        out += [{**e, "agent": row["agent"]} for e in enc]
+        out += [{**e, "agent": row["agent"], "noop": row["noop"]} for e in enc]
+    if max_noop_share < 1:
+        out = _cap_noops(out, cap, max_noop_share, skipped)
     return out, skipped
+
+
+def _cap_noops(rows: list[dict], cap: int | None, share: float, skipped: Counter) -> list[dict]:
+    """The largest sample of `rows` (at most `cap`) whose no-op share is at most `share` (< 1), as close to it as
+    the rows allow; the first writes and no-ops in the rows' (seeded) order, kept in that order."""
+    writes, noops = [r for r in rows if not r["noop"]], [r for r in rows if r["noop"]]
+    room = len(rows) if cap is None else cap
+    n_write = min(len(writes), room - min(len(noops), math.floor(share * room + 1e-9)))
+    n_noop = min(len(noops), math.floor(share / (1 - share) * n_write + 1e-9), room - n_write)
+    skipped["noop_over_max_noop_share"] += len(noops) - n_noop
+    keep = {id(r) for r in writes[:n_write] + noops[:n_noop]}
+    return [r for r in rows if id(r) in keep]
 
 
 def _reply_vocab(tokenizer, trajectories, sft_rows: list[dict]) -> list[int]:
@@ -332,7 +348,7 @@ class AdrpoRecipe(Recipe):
         mcfg = cfg.model if a.init_from == "base" else _step2_model_cfg(cfg, self.step2)
         self.tokenizer = load_tokenizer(mcfg, cfg.paths.data)
         self.sft_rows, self.sft_skipped = _encode_sft(self.tokenizer, self.train_trajectories, a, cfg.seed,
-                                                      a.sft.max_samples)
+                                                      a.sft.max_samples, max_noop_share=a.sft.max_noop_share)
         self.val_rows, _ = _encode_sft(self.tokenizer, self.val_trajectories, a, cfg.seed, a.sft.val_samples,
                                        tag="sft_val")
         model = load_model(mcfg, cfg.paths.data, quant_cfg=cfg.quant, device=self.device)
@@ -510,6 +526,7 @@ class AdrpoRecipe(Recipe):
             "sft_samples": len(self.sft_rows), "sft_val_conversations": self.val_convs,
             "sft_val_samples": len(self.val_rows),
             "sft_samples_per_agent": dict(Counter(r["agent"] for r in self.sft_rows)),
+            "sft_noop_samples": sum(r["noop"] for r in self.sft_rows),
             "sft_skipped": dict(self.sft_skipped), "rl_items": len(self.rl_items),
             "rl_items_skipped": dict(self.rl_items_skipped), "heldout_questions": self.n_questions,
             "reward_error_messages": self.budget.messages, "seconds": self.seconds,

@@ -18,6 +18,7 @@ from lightmem_exp.data.recall_queries import (
     RecallQueryDataset,
     answer_memories,
     collate_queries,
+    conversation_groups,
     pair_query_rows,
     think_query_ids,
     user_query_ids,
@@ -173,6 +174,7 @@ class Step1Recipe(Recipe):
         train_convs = set(self.splits["train"])
         key_mems = answer_memories(self.memories, self.pairs, train_convs)
         self.key_ids = bank_token_ids(tokenizer, [m["text"] for m in key_mems] + [s["think"] for s in self.draw.items])
+        self.key_groups = conversation_groups(key_mems) + [-1] * len(self.draw.items)  # <think> keys: one group
         rows = pair_query_rows(tokenizer, self.pairs, key_mems, train_convs, recall, a.max_query_tokens,
                                a.max_train_queries, seed)  # max_train_queries fits the time budget
         self.train_rows = rows + [
@@ -193,7 +195,8 @@ class Step1Recipe(Recipe):
         self.module = RecallQueryModule(
             self.model, self.key_ids, pad_id=self.tokenizer.pad_token_id, temperature=a.temperature,
             negatives=a.negatives, refresh_keys=a.refresh_keys, lr=a.lr, weight_decay=a.weight_decay,
-            warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size, key_space=self.bank.key_space)
+            warmup_ratio=a.warmup_ratio, encode_batch_size=a.bank_batch_size, key_space=self.bank.key_space,
+            key_groups=self.key_groups)
 
     def train(self) -> None:
         """Lightning fit from the stage's own checkpoint when one exists."""

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightmem_exp.artifacts import Manifest, atomic_dir, load_manifest, read_json, read_jsonl, write_jsonl
 from lightmem_exp.config.schema import KeepQuery, Step2Config
 from lightmem_exp.data.mixed_memory import MixedMemorySFTDataset, build_sft_only
-from lightmem_exp.data.recall_queries import answer_memories, pair_query_rows
+from lightmem_exp.data.recall_queries import answer_memories, conversation_groups, pair_query_rows
 from lightmem_exp.data.schema import read_artifact
 from lightmem_exp.data.sft_sampling import draw_within_limit
 from lightmem_exp.errors import ConfigError, LmxError, UpstreamError
@@ -114,7 +114,7 @@ def step1_settings(step1: Manifest) -> DictConfig:
 def query_anchor(s1: DictConfig, data: Manifest, pairs: list[dict], bank: MemoryBank, tokenizer: Any, recall_id: int,
                  keep: KeepQuery, seed: int) -> QueryAnchor:
     """step1's training questions and frozen keys (the step1 bank's vectors of its training memories), with step1's
-    own sample, temperature and query length (`s1`, `step1_settings`)."""
+    own sample, temperature, query length and conversation negatives (`s1`, `step1_settings`)."""
     train = set(read_json(data.path("splits"))["train"])
     row_of = {mid: i for i, mid in enumerate(bank.ids)}
     keys = [m for m in answer_memories(read_artifact(data, "memories"), pairs, train) if m["id"] in row_of]
@@ -122,8 +122,9 @@ def query_anchor(s1: DictConfig, data: Manifest, pairs: list[dict], bank: Memory
     if not rows:
         raise LmxError(f"step2.keep_query: {data.dir} has no train question whose memory is in {bank.path}; "
                        "set step2.keep_query.weight=0")
+    groups = conversation_groups(keys) if s1.get("negatives") == "conversation" else None
     return QueryAnchor(rows, bank.vectors[[row_of[m["id"]] for m in keys]], bank.key_space, keep.weight,
-                       keep.batch_size, float(s1.temperature), tokenizer.pad_token_id, seed)
+                       keep.batch_size, float(s1.temperature), tokenizer.pad_token_id, seed, key_groups=groups)
 
 
 def _guard_set(pool: list[dict], size: int, ds: MixedMemorySFTDataset, seed: int) -> list[dict]:

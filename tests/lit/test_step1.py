@@ -1,5 +1,6 @@
 """Step1 training step: what trains (LoRA + the two memory-token rows) and how the keys behave."""
 
+import pytest
 import torch
 
 from lightmem_exp.data.recall_queries import collate_queries, user_query_ids
@@ -98,3 +99,13 @@ def test_keys_and_queries_live_in_the_bank_key_space(small_model_cfg, data_root)
         q = module.encode(b["input_ids"], b["attention_mask"])
         scores = bank.head()(module.query_hidden(b["input_ids"], b["attention_mask"]))
     assert torch.allclose(q @ bank.vectors.T, scores, atol=1e-5)  # the loss scores what generation's head scores
+
+
+def test_conversation_negatives_reach_the_training_step(small_model_cfg, data_root):
+    module, _, batch = _setup(small_model_cfg, data_root, refresh_keys=False)
+    module.eval()
+    module.refresh_key_cache()
+    bank = module.training_step(batch, 0)
+    module.negatives, module.key_groups = "conversation", torch.arange(len(TEXTS))  # every key its own conversation
+    assert module.training_step(batch, 0).item() == pytest.approx(0.0, abs=1e-6)  # no negative left to score
+    assert bank.item() > 0.01

@@ -4,14 +4,18 @@ export, and with the recall answerer."""
 
 import json
 import threading
+from types import SimpleNamespace
 
 import pytest
 
+from lightmem_exp.config import typed
 from lightmem_exp.errors import ConfigError, UpstreamError
 from lightmem_exp.memory.store import MEMORY_TYPES
+from lightmem_exp.models.loading import load_tokenizer
 from lightmem_exp.reward_server import RewardServer
 from lightmem_exp.rl.answerers import LocalAnswerer, RewardError
 from lightmem_exp.stages import validate
+from lightmem_exp.stages.adrpo import _encode_sft
 from tests.conftest import run_cli
 
 
@@ -48,6 +52,29 @@ def test_defaults_validate_and_upstreams_are_checked_first(make_cfg):
         validate(make_cfg("stage=adrpo", "adrpo.init_from=step2"))
     with pytest.raises(UpstreamError, match="step2"):
         validate(make_cfg("stage=adrpo", "adrpo.reward.answerer=recall"))
+
+
+def _calls(n_writes: int, n_noops: int) -> list[dict]:
+    call = {"conv_id": "c", "agent": "semantic", "valid": True,
+            "messages": [{"role": "system", "content": "Write memory."}, {"role": "user", "content": "Ann: hi"}]}
+    write = '{"operations": [{"action": "ADD", "content": "Ann says hi"}]}'
+    return ([{**call, "chunk": f"w{i}", "ops": [{"action": "ADD"}], "reply": write} for i in range(n_writes)]
+            + [{**call, "chunk": f"n{i}", "ops": [], "reply": '{"operations": []}'} for i in range(n_noops)])
+
+
+@pytest.mark.parametrize(("share", "cap", "want_noops", "want_rows"), [
+    (1.0, None, 30, 40), (0.25, None, 3, 13), (0.5, 12, 6, 12), (0.0, 8, 0, 8)])
+def test_warm_start_sample_caps_the_no_op_share(make_cfg, small_model_cfg, data_root, share, cap, want_noops,
+                                                want_rows):
+    # the expert's no-op replies outnumber its writes; a warm start on that mix taught smollm2 to write nothing
+    a = typed(make_cfg("stage=adrpo"), "adrpo")
+    tokenizer = load_tokenizer(small_model_cfg, data_root)
+    rows, skipped = _encode_sft(tokenizer, [SimpleNamespace(calls=_calls(10, 30))], a, 0, cap, max_noop_share=share)
+    noops = sum(r["noop"] for r in rows)
+    assert (noops, len(rows)) == (want_noops, want_rows) and noops <= share * len(rows)
+    assert skipped["noop_over_max_noop_share"] == (0 if share == 1 else 30 - want_noops)
+    again, _ = _encode_sft(tokenizer, [SimpleNamespace(calls=_calls(10, 30))], a, 0, cap, max_noop_share=share)
+    assert [r["input_ids"] for r in again] == [r["input_ids"] for r in rows]  # seeded
 
 
 SMALL = ["adrpo.expert.max_train_conversations=2", "adrpo.expert.train_sessions=2", "adrpo.sft.max_samples=16",
