@@ -1,8 +1,9 @@
 """Stage adrpo: MemBuilder-style memory construction trained with ADRPO (`adrpo.*`, AdrpoConfig).
 
 Phases, in order (seconds of each in `stats.seconds`):
-1. expert: trajectories for the train split's conversations (first `expert.train_sessions` sessions) and the
-   held-out conversations (`heldout.*`), written under `expert/<conv_id>/` and read back from there;
+1. expert: trajectories for the train split's conversations (first `expert.train_sessions` sessions; the val
+   split's too when the warm start measures a val loss) and the held-out conversations (`heldout.*`), written under
+   `expert/<conv_id>/` and read back from there;
 2. warmup: LoRA SFT of the policy on the expert calls of all four agents (train split; a seeded sample of
    `sft.max_samples`; calls whose reply is longer than `rl.max_new_tokens` tokens are skipped and counted, since the
    policy could never produce them), its loss on `sft.val_samples` expert calls of the val split's conversations
@@ -15,8 +16,9 @@ Outputs: `expert/`, `export/adapter` (after RL), `export/adapter_sft`, `rl_steps
 `heldout/{expert,sft,rl}/<conv_id>.json` (the memories scored) and `heldout/questions.json`.
 Metrics (manifest): `heldout/qa_acc_{sft,rl,expert}` (the headline is `heldout/qa_acc_rl`), `heldout/format_valid_*`,
 `reward/*` (mean reward and its parts over the RL steps: `qa_acc`, `length_penalty`, `format_valid`...),
-`warmup/{train_loss_last,val_loss}`, `attribution/<type>` (steps' chunks whose dominant type it was), `served/<type>` (correct answers it served),
-`rl/*`, `time/*` (per-step generation / reward / update seconds and `time/reward_share`).
+`warmup/{train_loss_last,val_loss}`, `attribution/<type>` (steps' chunks whose dominant type it was),
+`served/<type>` (correct answers it served), `rl/*`, `time/*` (per-step generation / reward / update seconds and
+`time/reward_share`).
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ class AdrpoRecipe(Recipe):
         self.train_convs = sorted(splits["train"])[: a.expert.max_train_conversations]
         self.held_convs = sorted(splits[a.heldout.split])[: a.heldout.max_conversations]
         self.val_convs = ([c for c in sorted(splits["val"]) if c not in self.held_convs]
-                          if a.sft.val_samples and a.sft.max_epochs else [])[: a.expert.max_train_conversations]
+                          if a.sft.val_samples and a.sft.max_epochs else [])
         if not self.train_convs or not self.held_convs:
             raise LmxError(f"{data.dir}: adrpo needs train conversations and {a.heldout.split} conversations "
                            f"(got {len(self.train_convs)} and {len(self.held_convs)})")
