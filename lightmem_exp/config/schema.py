@@ -506,9 +506,9 @@ class AdrpoSft(EpochTraining):
     max_epochs: int = 1
     """0: no warm start."""
     max_noop_share: float = 1.0
-    """At most this share of the warm-start sample replies `{"operations": []}` (no-op calls are left out while the
-    running share would exceed it); 1: as drawn. The expert's replies are 58% no-ops on LoCoMo, and a policy
-    warm-started on that mix answers every held-out call with a no-op (docs/smollm2-variants.md)."""
+    """At most this share of the warm-start sample replies `{"operations": []}` (the largest seeded sample within
+    `max_samples` that respects it); 1: as drawn. 58% of the expert's calls on LoCoMo's train split are no-ops, and a
+    policy warm-started on that mix answers every held-out call with a no-op (docs/smollm2-variants.md)."""
     val_samples: int = 8
     """Expert calls of the val split's conversations (their first `expert.train_sessions` sessions, a seeded sample)
     whose loss is measured at every epoch end (`val/loss`; manifest `warmup/val_loss`): what the warm start's length
