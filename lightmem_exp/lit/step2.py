@@ -148,8 +148,8 @@ class QueryAnchor:
     temperature: float
     pad_id: int
     seed: int
-    key_groups: list[int] | None = None
-    """Per key its conversation when step1 trained with `negatives=conversation` (the anchor then does too)."""
+    key_groups: torch.Tensor | None = None
+    """[K]: per key its conversation when step1 trained with `negatives=conversation` (the anchor then does too)."""
 
     def loss(self, model: torch.nn.Module, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -157,10 +157,9 @@ class QueryAnchor:
         b = collate_queries([self.rows[i] for i in pick], self.pad_id)
         device = next(model.parameters()).device
         hidden = last_token_hidden(model, b["input_ids"].to(device), b["attention_mask"].to(device))
-        groups = None if self.key_groups is None else torch.tensor(self.key_groups)
         return recall_contrastive_loss(self.key_space(hidden), self.keys.to(device), b["targets"].to(device),
-                                       temperature=self.temperature,
-                                       negatives="bank" if groups is None else "conversation", key_groups=groups)
+                                       temperature=self.temperature, key_groups=self.key_groups,
+                                       negatives="bank" if self.key_groups is None else "conversation")
 
 
 

@@ -122,7 +122,7 @@ def query_anchor(s1: DictConfig, data: Manifest, pairs: list[dict], bank: Memory
     if not rows:
         raise LmxError(f"step2.keep_query: {data.dir} has no train question whose memory is in {bank.path}; "
                        "set step2.keep_query.weight=0")
-    groups = conversation_groups(keys) if s1.get("negatives") == "conversation" else None
+    groups = torch.tensor(conversation_groups(keys)) if s1.get("negatives") == "conversation" else None
     return QueryAnchor(rows, bank.vectors[[row_of[m["id"]] for m in keys]], bank.key_space, keep.weight,
                        keep.batch_size, float(s1.temperature), tokenizer.pad_token_id, seed, key_groups=groups)
 

@@ -198,7 +198,7 @@ def test_query_anchor_adds_step1_retrieval_loss_drawn_per_step(small_model_cfg, 
         assert torch.equal(anchor.loss(module.model, 3), anchor.loss(module.model, 3))  # a resumed step draws the same
         assert not torch.equal(anchor.loss(module.model, 3), anchor.loss(module.model, 4))
         # step1 trained with negatives=conversation: the anchor scores only the query's own conversation's keys
-        grouped = dataclasses.replace(anchor, key_groups=[i % 2 for i in range(len(MEMORIES))])
+        grouped = dataclasses.replace(anchor, key_groups=torch.arange(len(MEMORIES)) % 2)
         assert grouped.loss(module.model, 3) < anchor.loss(module.model, 3)
     module.dataset.refresh_epoch_data(0)
     batch = module.collator([module.dataset[i] for i in range(3)])
